@@ -1,0 +1,84 @@
+//! The access log: one event per decision and one per tunnel close, under the `access` target.
+//!
+//! Events go through `tracing`, so the subscriber `main` installs decides the format (JSON by
+//! default, one object per line) and `PORTCULLIS_LOG` filters them like any other target.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::dns::CachePath;
+use crate::error::{Outcome, Reason};
+use crate::tunnel::Totals;
+
+/// Everything known about one request when it is decided.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub client: SocketAddr,
+    pub host: String,
+    pub port: u16,
+    pub rule: String,
+    pub resolved: Option<SocketAddr>,
+    pub dns: Option<CachePath>,
+}
+
+impl Entry {
+    pub fn new(client: SocketAddr) -> Entry {
+        Entry {
+            client,
+            host: String::new(),
+            port: 0,
+            rule: String::new(),
+            resolved: None,
+            dns: None,
+        }
+    }
+
+    /// Logs the decision: `reason` is `None` for a tunnel that opened.
+    pub fn decision(&self, reason: Option<Reason>) {
+        let (outcome, reason_label) = match reason {
+            None => (Outcome::Allowed, ""),
+            Some(reason) => (reason.outcome(), reason.as_str()),
+        };
+        tracing::info!(
+            target: "access",
+            event = "decision",
+            client = %self.client,
+            host = %self.host,
+            port = self.port,
+            rule = %self.rule,
+            outcome = outcome.as_str(),
+            reason = reason_label,
+            resolved = %self.resolved.map(|a| a.to_string()).unwrap_or_default(),
+            dns = self.dns.map_or("", CachePath::as_str),
+        );
+    }
+
+    pub fn closed(&self, totals: &Totals, duration: Duration) {
+        tracing::info!(
+            target: "access",
+            event = "tunnel_closed",
+            client = %self.client,
+            host = %self.host,
+            port = self.port,
+            rule = %self.rule,
+            outcome = "allowed",
+            end = totals.end.as_str(),
+            resolved = %self.resolved.map(|a| a.to_string()).unwrap_or_default(),
+            dns = self.dns.map_or("", CachePath::as_str),
+            bytes_upstream = totals.upstream,
+            bytes_downstream = totals.downstream,
+            duration_ms = duration.as_millis() as u64,
+        );
+    }
+}
+
+/// A connection turned away before any request was decided (limit, client ACL, header timeout).
+pub fn rejected(client: SocketAddr, reason: Reason) {
+    tracing::info!(
+        target: "access",
+        event = "rejected",
+        client = %client,
+        outcome = reason.outcome().as_str(),
+        reason = reason.as_str(),
+    );
+}

@@ -1,0 +1,573 @@
+//! TOML into typed, validated, immutable config.
+//!
+//! Parsing is strict (`deny_unknown_fields`: a typo must not silently become a default), and
+//! [`Config::parse`] reports every problem at once, each with the line it came from, so an
+//! operator fixes a file in one pass. A reload builds a whole new `Config` the same way and
+//! swaps it in; nothing mutates a config after it is built.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::rules::{self, Host, Rule, RuleSet};
+
+/// The AppStream profile, compiled in so a bare `portcullis` is useful.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/portcullis.toml");
+
+/// A loaded config. Cheap to share behind an `Arc`; never changed once built.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where it came from, for messages: a path or `<embedded default>`.
+    pub source: String,
+    pub proxy: ProxyConfig,
+    pub admin: AdminConfig,
+    pub dns: DnsConfig,
+    /// `[clients] allow`: source networks that may use the proxy.
+    pub clients_allow: Vec<IpNet>,
+    /// `[destinations] allow`: networks reachable despite the special-purpose deny list.
+    pub destinations_allow: Vec<IpNet>,
+    /// `[metrics] max_domains`: distinct `domain` label values before `_other`.
+    pub max_domains: usize,
+    pub rules: RuleSet,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    pub listen: Vec<SocketAddr>,
+    /// Past it a new connection gets 503 and is closed: file descriptors and memory stay bounded.
+    pub max_connections: usize,
+    /// Bounds how long a client that never finishes its request head (slowloris) holds a slot.
+    pub header_timeout: Duration,
+    /// DNS plus TCP connect to the origin, all addresses together.
+    pub connect_timeout: Duration,
+    /// A tunnel with no bytes either way this long is closed. Streaming sessions are never idle
+    /// this long, so the default is generous.
+    pub idle_timeout: Duration,
+    /// How long open tunnels get to finish after SIGTERM.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    pub listen: Option<SocketAddr>,
+    /// `host:port` that `/proxy.pac` tells clients to use.
+    pub advertise: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsConfig {
+    /// Empty: the system resolver configuration.
+    pub servers: Vec<SocketAddr>,
+    pub cache_size: u64,
+    /// Static answers, keyed by lowercased name without the trailing dot.
+    pub hosts: HashMap<String, Vec<IpAddr>>,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source: String,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// 1-based line, when the problem belongs to one place in the file.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            match problem.line {
+                Some(line) => write!(f, "{}:{}: {}", self.source, line, problem.message)?,
+                None => write!(f, "{}: {}", self.source, problem.message)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// The embedded AppStream profile.
+    pub fn embedded() -> Config {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>")
+            .expect("the embedded default config is valid (tested)")
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let source = path.display().to_string();
+        match std::fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, &source),
+            Err(e) => Err(ConfigError {
+                source,
+                problems: vec![Problem {
+                    line: None,
+                    message: format!("cannot read: {e}"),
+                }],
+            }),
+        }
+    }
+
+    /// Parses and validates; reports every problem, each with its line.
+    pub fn parse(text: &str, source: &str) -> Result<Config, ConfigError> {
+        let mut problems = Problems {
+            text,
+            list: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                let line = e.span().map(|span| problems.line_of(span.start));
+                problems.list.push(Problem {
+                    line,
+                    message: e.message().trim().to_string(),
+                });
+                return Err(problems.into_error(source));
+            }
+        };
+        let config = raw.validate(source, &mut problems);
+        match config {
+            Some(config) if problems.list.is_empty() => Ok(config),
+            _ => Err(problems.into_error(source)),
+        }
+    }
+}
+
+/// Collects problems and turns byte offsets into line numbers.
+struct Problems<'a> {
+    text: &'a str,
+    list: Vec<Problem>,
+}
+
+impl Problems<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn add<T>(&mut self, at: &Spanned<T>, message: impl Into<String>) {
+        let line = Some(self.line_of(at.span().start));
+        self.list.push(Problem {
+            line,
+            message: message.into(),
+        });
+    }
+
+    fn add_global(&mut self, message: impl Into<String>) {
+        self.list.push(Problem {
+            line: None,
+            message: message.into(),
+        });
+    }
+
+    /// Runs a parser on a spanned value, recording its error at the value's line.
+    fn check<T, U>(
+        &mut self,
+        value: &Spanned<T>,
+        parse: impl FnOnce(&T) -> Result<U, String>,
+    ) -> Option<U> {
+        match parse(value.get_ref()) {
+            Ok(parsed) => Some(parsed),
+            Err(message) => {
+                self.add(value, message);
+                None
+            }
+        }
+    }
+
+    fn into_error(self, source: &str) -> ConfigError {
+        ConfigError {
+            source: source.to_string(),
+            problems: self.list,
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    proxy: RawProxy,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    dns: RawDns,
+    #[serde(default)]
+    clients: RawNets,
+    #[serde(default)]
+    destinations: RawNets,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default, rename = "rule")]
+    rules: Vec<RawRule>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    listen: Option<Vec<Spanned<String>>>,
+    max_connections: Option<Spanned<i64>>,
+    header_timeout: Option<Spanned<String>>,
+    connect_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    /// An empty string turns the admin listener off.
+    listen: Option<Spanned<String>>,
+    advertise: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    #[serde(default)]
+    servers: Vec<Spanned<String>>,
+    cache_size: Option<Spanned<i64>>,
+    #[serde(default)]
+    hosts: HashMap<String, Spanned<Vec<Spanned<String>>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNets {
+    allow: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    max_domains: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    domains: Spanned<Vec<Spanned<String>>>,
+    ports: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    private_endpoint: bool,
+}
+
+impl RawConfig {
+    fn validate(self, source: &str, p: &mut Problems<'_>) -> Option<Config> {
+        let proxy = self.proxy.validate(p);
+        let admin = self.admin.validate(proxy.as_ref(), p);
+        let dns = self.dns.validate(p);
+        let clients_allow = nets(self.clients.allow, &["0.0.0.0/0", "::/0"], p);
+        let destinations_allow = nets(self.destinations.allow, &[], p);
+        let max_domains = self
+            .metrics
+            .max_domains
+            .as_ref()
+            .map_or(Some(1000), |v| p.check(v, |&n| positive(n, "max_domains")));
+        let rules = validate_rules(self.rules, p);
+        Some(Config {
+            source: source.to_string(),
+            proxy: proxy?,
+            admin: admin?,
+            dns: dns?,
+            clients_allow,
+            destinations_allow,
+            max_domains: max_domains?,
+            rules: rules?,
+        })
+    }
+}
+
+impl RawProxy {
+    fn validate(self, p: &mut Problems<'_>) -> Option<ProxyConfig> {
+        let listen = match self.listen {
+            None => vec!["127.0.0.1:3128".parse().expect("valid literal")],
+            Some(list) => {
+                if list.is_empty() {
+                    p.add_global("[proxy] listen needs at least one address");
+                }
+                list.iter()
+                    .filter_map(|addr| p.check(addr, |s| socket_addr(s, None)))
+                    .collect()
+            }
+        };
+        let max_connections = self.max_connections.as_ref().map_or(Some(10_000), |v| {
+            p.check(v, |&n| positive(n, "max_connections"))
+        });
+        let mut duration = |value: &Option<Spanned<String>>, default: u64| {
+            value
+                .as_ref()
+                .map_or(Some(Duration::from_secs(default)), |v| {
+                    p.check(v, |s| positive_duration(s))
+                })
+        };
+        Some(ProxyConfig {
+            header_timeout: duration(&self.header_timeout, 10)?,
+            connect_timeout: duration(&self.connect_timeout, 10)?,
+            idle_timeout: duration(&self.idle_timeout, 30 * 60)?,
+            drain_timeout: duration(&self.drain_timeout, 30)?,
+            listen,
+            max_connections: max_connections?,
+        })
+    }
+}
+
+impl RawAdmin {
+    fn validate(self, proxy: Option<&ProxyConfig>, p: &mut Problems<'_>) -> Option<AdminConfig> {
+        let listen = match &self.listen {
+            None => Some(Some("127.0.0.1:9090".parse().expect("valid literal"))),
+            Some(v) if v.get_ref().is_empty() => Some(None),
+            Some(v) => p.check(v, |s| socket_addr(s, None)).map(Some),
+        };
+        let advertise = match &self.advertise {
+            Some(v) => p.check(v, |s| advertise(s)),
+            None => proxy.and_then(|proxy| proxy.listen.first().map(|a| a.to_string())),
+        };
+        Some(AdminConfig {
+            listen: listen?,
+            advertise: advertise?,
+        })
+    }
+}
+
+impl RawDns {
+    fn validate(self, p: &mut Problems<'_>) -> Option<DnsConfig> {
+        let servers: Vec<_> = self
+            .servers
+            .iter()
+            .filter_map(|server| p.check(server, |s| socket_addr(s, Some(53))))
+            .collect();
+        let cache_size = self.cache_size.as_ref().map_or(Some(4096), |v| {
+            p.check(v, |&n| non_negative(n, "cache_size"))
+        });
+        let mut hosts = HashMap::new();
+        for (name, addrs) in &self.hosts {
+            let Some(name) = p.check(addrs, |_| host_key(name)) else {
+                continue;
+            };
+            if addrs.get_ref().is_empty() {
+                p.add(
+                    addrs,
+                    format!("[dns] hosts: {name:?} needs at least one address"),
+                );
+            }
+            let parsed: Vec<IpAddr> = addrs
+                .get_ref()
+                .iter()
+                .filter_map(|a| {
+                    p.check(a, |s| {
+                        s.parse().map_err(|_| format!("{s:?} is not an IP address"))
+                    })
+                })
+                .collect();
+            hosts.insert(name, parsed);
+        }
+        Some(DnsConfig {
+            servers,
+            cache_size: cache_size? as u64,
+            hosts,
+        })
+    }
+}
+
+fn validate_rules(raw: Vec<RawRule>, p: &mut Problems<'_>) -> Option<RuleSet> {
+    if raw.is_empty() {
+        p.add_global("no [[rule]]: the proxy would refuse everything");
+    }
+    let mut names = HashMap::new();
+    let mut rules = Vec::new();
+    for rule in raw {
+        let name = rule.name.get_ref().clone();
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            p.add(
+                &rule.name,
+                format!("rule name {name:?} may contain only letters, digits, '-' and '_'"),
+            );
+        }
+        if names.insert(name.clone(), ()).is_some() {
+            p.add(&rule.name, format!("rule name {name:?} is used twice"));
+        }
+        if rule.domains.get_ref().is_empty() {
+            p.add(&rule.domains, format!("rule {name:?} has no domains"));
+        }
+        if rule.ports.get_ref().is_empty() {
+            p.add(&rule.ports, format!("rule {name:?} has no ports"));
+        }
+        let domains = rule
+            .domains
+            .get_ref()
+            .iter()
+            .filter_map(|d| p.check(d, |s| rules::validate_pattern(s)))
+            .collect();
+        let ports = rule
+            .ports
+            .get_ref()
+            .iter()
+            .filter_map(|port| p.check(port, |s| rules::parse_port_range(s)))
+            .collect();
+        rules.push(Rule {
+            name,
+            domains,
+            ports,
+            private_endpoint: rule.private_endpoint,
+        });
+    }
+    if !p.list.is_empty() {
+        return None;
+    }
+    match RuleSet::new(rules) {
+        Ok(set) => Some(set),
+        Err(e) => {
+            p.add_global(e);
+            None
+        }
+    }
+}
+
+fn nets(raw: Option<Vec<Spanned<String>>>, default: &[&str], p: &mut Problems<'_>) -> Vec<IpNet> {
+    match raw {
+        None => default
+            .iter()
+            .map(|n| n.parse().expect("valid literal"))
+            .collect(),
+        Some(list) => list
+            .iter()
+            .filter_map(|net| p.check(net, |s| ip_net(s)))
+            .collect(),
+    }
+}
+
+/// A CIDR, or a bare address meaning just that address.
+fn ip_net(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not a CIDR like \"10.0.0.0/8\" or an address"))
+}
+
+fn socket_addr(s: &str, default_port: Option<u16>) -> Result<SocketAddr, String> {
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    match (default_port, s.parse::<IpAddr>()) {
+        (Some(port), Ok(ip)) => Ok(SocketAddr::new(ip, port)),
+        _ => Err(format!(
+            "{s:?} is not an address like \"127.0.0.1:3128\" or \"[::1]:3128\""
+        )),
+    }
+}
+
+fn advertise(s: &str) -> Result<String, String> {
+    let valid = s.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) && !s.contains(['"', ';', ' '])
+    });
+    if valid {
+        Ok(s.to_string())
+    } else {
+        Err(format!("advertise {s:?} must be host:port"))
+    }
+}
+
+fn host_key(name: &str) -> Result<String, String> {
+    match rules::parse_host(name) {
+        Ok(Host::Name(name)) => Ok(name),
+        _ => Err(format!("[dns] hosts: {name:?} is not a host name")),
+    }
+}
+
+fn positive(n: i64, key: &str) -> Result<usize, String> {
+    if n >= 1 {
+        usize::try_from(n).map_err(|_| format!("{key} is too large"))
+    } else {
+        Err(format!("{key} must be at least 1"))
+    }
+}
+
+fn non_negative(n: i64, key: &str) -> Result<usize, String> {
+    usize::try_from(n).map_err(|_| format!("{key} must not be negative"))
+}
+
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!(
+            "duration {s:?} must be a positive number with a unit: \"500ms\", \"10s\", \"30m\", \"2h\""
+        )),
+    }
+}
+
+/// `"500ms"`, `"10s"`, `"30m"`, `"2h"`, `"1d"`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs);
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => secs(1),
+        "m" => secs(60),
+        "h" => secs(3600),
+        "d" => secs(86_400),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let config = Config::embedded();
+        assert_eq!(config.proxy.listen, vec!["127.0.0.1:3128".parse().unwrap()]);
+        assert_eq!(config.admin.advertise, "127.0.0.1:3128");
+        assert!(config.rules.rules().iter().any(|r| r.private_endpoint));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("30m"), Some(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("1.5s"), None);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_line() {
+        let text = "[proxy]\nlisten = [\"nope\"]\nheader_timeout = \"10\"\n\n[[rule]]\nname = \"r\"\ndomains = [\"a..b\"]\nports = [\"0\"]\n";
+        let err = Config::parse(text, "t.toml").unwrap_err();
+        let lines: Vec<_> = err.problems.iter().map(|p| p.line).collect();
+        assert_eq!(lines, vec![Some(2), Some(3), Some(7), Some(8)], "{err}");
+        assert!(err.to_string().starts_with("t.toml:2: "));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::parse("[proxy]\nlisten_on = []\n", "t.toml").unwrap_err();
+        assert_eq!(err.problems[0].line, Some(2), "{err}");
+        assert!(err.to_string().contains("listen_on"), "{err}");
+    }
+}

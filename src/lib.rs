@@ -1,0 +1,165 @@
+//! portcullis: an HTTP CONNECT egress proxy that lets a network reach Amazon AppStream 2.0 and
+//! nothing else it did not name.
+//!
+//! # Layout
+//! - [`config`]: TOML into typed, validated, immutable config.
+//! - [`rules`]: host validation, wildcard matching, ports (pure functions).
+//! - [`dns`]: hickory resolvers, cached for ordinary rules, uncached for private endpoints.
+//! - [`destination`]: which resolved addresses may be connected to.
+//! - [`server`]: the accept loop, connection limit, client ACL, request head.
+//! - [`connect`]: one CONNECT request, from authority to 200.
+//! - [`tunnel`]: relaying bytes both ways.
+//! - [`metrics`]: the Prometheus registry and per-domain handles.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac`.
+//! - [`access_log`]: the decision and tunnel-close events.
+//! - [`error`]: refusal reasons and the one mapping to replies.
+//! - [`state`]: what connections share; config swaps on reload.
+//! - [`prefixed`]: a socket with already-read bytes put back in front.
+//!
+//! `main.rs` is a thin shell over [`Proxy`]; tests drive the same [`Proxy::run`] with
+//! listeners bound on port 0.
+#![forbid(unsafe_code)]
+
+pub mod access_log;
+pub mod admin;
+pub mod config;
+pub mod connect;
+pub mod destination;
+pub mod dns;
+pub mod error;
+pub mod metrics;
+pub mod prefixed;
+pub mod rules;
+pub mod server;
+pub mod state;
+pub mod tunnel;
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+use metrics::Metrics;
+use state::{Runtime, Shared};
+
+/// The sockets a proxy serves on. Bound by the caller, so tests can use port 0 and a
+/// supervisor could pass sockets in.
+pub struct Listeners {
+    pub proxy: Vec<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+impl Listeners {
+    /// Binds what the config names.
+    pub async fn bind(config: &Config) -> io::Result<Listeners> {
+        let mut proxy = Vec::new();
+        for addr in &config.proxy.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            proxy.push(listener);
+        }
+        let admin = match config.admin.listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
+            })?),
+            None => None,
+        };
+        Ok(Listeners { proxy, admin })
+    }
+}
+
+/// A running proxy's handle: cheap to clone, used to reload and to read metrics.
+#[derive(Clone)]
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    pub fn new(config: Config) -> Result<Proxy, String> {
+        let metrics = Arc::new(Metrics::new(config.max_domains));
+        let runtime = Runtime::new(config)?;
+        Ok(Proxy {
+            shared: Arc::new(Shared::new(runtime, metrics)),
+        })
+    }
+
+    /// Swaps in a new config; tunnels already open are not touched. Counted either way.
+    pub fn reload(&self, config: Result<Config, String>) -> Result<(), String> {
+        let result = config.and_then(Runtime::new);
+        self.shared.metrics.config_reload(result.is_ok());
+        match result {
+            Ok(runtime) => {
+                let old = self.shared.runtime();
+                if old.config.proxy.listen != runtime.config.proxy.listen
+                    || old.config.admin.listen != runtime.config.admin.listen
+                {
+                    tracing::warn!("listen addresses changed; they take effect on restart");
+                }
+                self.shared.install(runtime);
+                tracing::info!("config reloaded");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "config reload failed; keeping the running config");
+                Err(e)
+            }
+        }
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.shared.metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: stops accepting, turns `/readyz` to 503,
+    /// gives open tunnels up to `drain_timeout`, and closes what is left.
+    pub async fn run(&self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
+        let stop_accepting = CancellationToken::new();
+        let stop_admin = CancellationToken::new();
+        for listener in listeners.proxy {
+            tokio::spawn(server::accept_loop(
+                listener,
+                self.shared.clone(),
+                stop_accepting.clone(),
+            ));
+        }
+        if let Some(listener) = listeners.admin {
+            tokio::spawn(admin::serve(
+                listener,
+                self.shared.clone(),
+                stop_admin.clone(),
+            ));
+        }
+        shutdown.await;
+        self.drain(stop_accepting).await;
+        stop_admin.cancel();
+    }
+
+    async fn drain(&self, stop_accepting: CancellationToken) {
+        let shared = &self.shared;
+        shared.start_draining();
+        stop_accepting.cancel();
+        shared.tasks.close();
+        let drain_timeout = shared.runtime().config.proxy.drain_timeout;
+        tracing::info!(
+            open = shared.tasks.len(),
+            "draining for up to {drain_timeout:?}"
+        );
+        if tokio::time::timeout(drain_timeout, shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                open = shared.tasks.len(),
+                "drain timeout; closing open tunnels"
+            );
+            shared.abort.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), shared.tasks.wait()).await;
+        }
+        tracing::info!("drained");
+    }
+}

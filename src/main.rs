@@ -1,0 +1,165 @@
+//! The `portcullis` binary: command line, logging, signals, exit codes. Everything else lives
+//! in the library, behind [`portcullis::Proxy`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+use portcullis::{Config, Listeners, Proxy};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+/// An HTTP CONNECT egress proxy for Amazon AppStream 2.0.
+#[derive(Parser)]
+#[command(version, about)]
+struct Args {
+    /// Config file; without it, the embedded AppStream profile.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the config, print problems with line numbers, exit 0 or 1.
+    #[arg(long, requires = "config")]
+    check: bool,
+    /// Print the embedded default config and exit.
+    #[arg(long, conflicts_with_all = ["config", "check"])]
+    print_default_config: bool,
+    /// Log format on stdout.
+    #[arg(long, value_enum, default_value_t = LogFormat::Json, env = "PORTCULLIS_LOG_FORMAT")]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable text.
+    Text,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", portcullis::config::DEFAULT_CONFIG);
+        return ExitCode::SUCCESS;
+    }
+    let config = match &args.config {
+        Some(path) => Config::load(path),
+        None => Ok(Config::embedded()),
+    };
+    if args.check {
+        return check(config);
+    }
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _log_guard = init_logging(args.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    match runtime.block_on(serve(config, args.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("portcullis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(config: Result<Config, portcullis::config::ConfigError>) -> ExitCode {
+    match config {
+        Ok(config) => {
+            println!(
+                "{}: ok ({} rules)",
+                config.source,
+                config.rules.rules().len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            println!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stdout through a non-blocking writer: a slow or closed stdout must never stall
+/// the data path. Lines dropped under pressure are lost rather than waited for.
+fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let filter =
+        EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+    guard
+}
+
+async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let listeners = Listeners::bind(&config).await?;
+    let addrs: Vec<String> = listeners
+        .proxy
+        .iter()
+        .filter_map(|l| l.local_addr().ok().map(|a| a.to_string()))
+        .collect();
+    let admin = listeners
+        .admin
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string());
+    let proxy = Proxy::new(config).map_err(anyhow::Error::msg)?;
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        listen = ?addrs,
+        admin = ?admin,
+        "portcullis serving"
+    );
+    let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let reloader = proxy.clone();
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match &path {
+                Some(path) => {
+                    let _ = reloader.reload(Config::load(path).map_err(|e| e.to_string()));
+                }
+                None => tracing::info!("SIGHUP: running on the embedded config; nothing to reload"),
+            }
+        }
+    });
+    proxy.run(listeners, termination().await?).await;
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT; a second one exits at once.
+async fn termination() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("shutting down: draining; a second signal exits at once");
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            tracing::warn!("second signal: exiting without waiting for the drain");
+            std::process::exit(1);
+        });
+    })
+}

@@ -1,0 +1,440 @@
+//! The allowlist: host validation, wildcard matching and port ranges.
+//!
+//! Pure functions over strings, so every edge of the matching semantics in PRODUCT.md is pinned
+//! down by unit tests here rather than discovered through sockets.
+//!
+//! Matching runs on globset. A host `a.b.example.com` is matched as the path `a/b/example/com`
+//! with `literal_separator` on, so a `*` can never reach across a dot; a leading `*.` becomes
+//! `*/**/`, which is "one or more whole labels".
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::RangeInclusive;
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+
+use crate::error::Reason;
+
+/// RFC 1035 limits, the ones resolvers enforce too.
+const MAX_NAME_LEN: usize = 253;
+const MAX_LABEL_LEN: usize = 63;
+
+/// A validated CONNECT host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Host {
+    /// Lowercased, without the trailing dot.
+    Name(String),
+    Ip(IpAddr),
+}
+
+/// Splits a CONNECT authority (`host:port`, `[v6]:port`) and validates both halves.
+pub fn parse_authority(authority: &str) -> Result<(Host, u16), Reason> {
+    if authority.contains('@') {
+        return Err(Reason::BadRequest);
+    }
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let (v6, port) = rest.split_once("]:").ok_or(Reason::BadRequest)?;
+        let ip: Ipv6Addr = v6.parse().map_err(|_| Reason::BadRequest)?;
+        (Host::Ip(IpAddr::V6(ip)), port)
+    } else {
+        let (host, port) = authority.rsplit_once(':').ok_or(Reason::BadRequest)?;
+        (parse_host(host)?, port)
+    };
+    Ok((host, parse_port(port)?))
+}
+
+fn parse_port(port: &str) -> Result<u16, Reason> {
+    if port.is_empty() || port.len() > 5 || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Reason::BadRequest);
+    }
+    match port.parse::<u16>() {
+        Ok(0) | Err(_) => Err(Reason::BadRequest),
+        Ok(port) => Ok(port),
+    }
+}
+
+/// Validates a host name: a 400 for anything that is not a DNS name, a 403 `ip_literal` for
+/// anything a resolver or `inet_aton` would read as an address (`10.0.0.1`, `127.1`,
+/// `2130706433`, `0x7f.1`).
+pub fn parse_host(raw: &str) -> Result<Host, Reason> {
+    if let Ok(ip) = raw.parse::<Ipv4Addr>() {
+        return Ok(Host::Ip(IpAddr::V4(ip)));
+    }
+    let name = raw.strip_suffix('.').unwrap_or(raw);
+    if name.is_empty() || name.len() > MAX_NAME_LEN {
+        return Err(Reason::BadRequest);
+    }
+    let mut labels = 0;
+    for label in name.split('.') {
+        labels += 1;
+        if label.is_empty() || label.len() > MAX_LABEL_LEN || !label.bytes().all(is_name_byte) {
+            return Err(Reason::BadRequest);
+        }
+    }
+    if looks_numeric(name, labels) {
+        return Err(Reason::IpLiteral);
+    }
+    Ok(Host::Name(name.to_ascii_lowercase()))
+}
+
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+}
+
+/// No top-level domain is all digits, and `inet_aton` accepts one to four numeric parts in
+/// decimal, octal or hex; either shape is an address in disguise.
+fn looks_numeric(name: &str, labels: usize) -> bool {
+    let last = name.rsplit('.').next().unwrap_or(name);
+    let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let inet_aton_part = |s: &str| {
+        let lower = s.to_ascii_lowercase();
+        match lower.strip_prefix("0x") {
+            Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            None => all_digits(s),
+        }
+    };
+    all_digits(last) || (labels <= 4 && name.split('.').all(inet_aton_part))
+}
+
+/// One allowlist rule, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub name: String,
+    /// Patterns, lowercased, as written in the config.
+    pub domains: Vec<String>,
+    pub ports: Vec<RangeInclusive<u16>>,
+    /// Interface VPC endpoint names: never cached, may resolve to RFC 1918 / ULA addresses.
+    pub private_endpoint: bool,
+}
+
+impl Rule {
+    pub fn allows_port(&self, port: u16) -> bool {
+        self.ports.iter().any(|range| range.contains(&port))
+    }
+}
+
+/// The result of checking a host and port against the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict<'a> {
+    Allowed(&'a Rule),
+    /// The host matched this rule (the first that matched), but no matching rule allows the port.
+    PortNotAllowed(&'a Rule),
+    NoRule,
+}
+
+/// The compiled allowlist.
+#[derive(Debug, Clone)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+    globs: GlobSet,
+    /// For each glob in `globs`, the index of its rule.
+    glob_rule: Vec<usize>,
+}
+
+impl RuleSet {
+    /// Compiles the rules. Patterns must already have passed [`validate_pattern`].
+    pub fn new(rules: Vec<Rule>) -> Result<RuleSet, String> {
+        let mut builder = GlobSetBuilder::new();
+        let mut glob_rule = Vec::new();
+        for (index, rule) in rules.iter().enumerate() {
+            for pattern in &rule.domains {
+                let glob = GlobBuilder::new(&pattern_to_glob(pattern))
+                    .literal_separator(true)
+                    .build()
+                    .map_err(|e| format!("pattern {pattern:?}: {e}"))?;
+                builder.add(glob);
+                glob_rule.push(index);
+            }
+        }
+        let globs = builder.build().map_err(|e| e.to_string())?;
+        Ok(RuleSet {
+            rules,
+            globs,
+            glob_rule,
+        })
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Checks a validated, lowercased host name (see [`parse_host`]) and a port.
+    pub fn check(&self, host: &str, port: u16) -> Verdict<'_> {
+        let path = host.replace('.', "/");
+        let mut first_match = None;
+        for glob in self.globs.matches(path.as_str()) {
+            let rule = &self.rules[self.glob_rule[glob]];
+            if rule.allows_port(port) {
+                return Verdict::Allowed(rule);
+            }
+            first_match.get_or_insert(rule);
+        }
+        first_match.map_or(Verdict::NoRule, Verdict::PortNotAllowed)
+    }
+}
+
+/// `*.example.com` → `*/**/example/com`; any other `*` stays inside its label.
+fn pattern_to_glob(pattern: &str) -> String {
+    match pattern.strip_prefix("*.") {
+        Some(rest) => format!("*/**/{}", rest.replace('.', "/")),
+        None => pattern.replace('.', "/"),
+    }
+}
+
+/// Checks a domain pattern from the config; returns it lowercased.
+pub fn validate_pattern(pattern: &str) -> Result<String, String> {
+    let lower = pattern.to_ascii_lowercase();
+    if lower.is_empty() || lower.len() > MAX_NAME_LEN {
+        return Err(format!("domain pattern {pattern:?} is empty or too long"));
+    }
+    let mut literal_labels = 0;
+    for label in lower.split('.') {
+        if label.is_empty() || label.len() > MAX_LABEL_LEN {
+            return Err(format!(
+                "domain pattern {pattern:?} has an empty or overlong label"
+            ));
+        }
+        if !label.bytes().all(|b| is_name_byte(b) || b == b'*') {
+            return Err(format!(
+                "domain pattern {pattern:?} may contain only letters, digits, '-', '_', '.' and '*'"
+            ));
+        }
+        if label.contains("**") {
+            return Err(format!(
+                "domain pattern {pattern:?}: use '*' once per label"
+            ));
+        }
+        if !label.contains('*') {
+            literal_labels += 1;
+        }
+    }
+    if literal_labels == 0 {
+        return Err(format!(
+            "domain pattern {pattern:?} must name at least one label without '*'"
+        ));
+    }
+    Ok(lower)
+}
+
+/// Parses `"443"` or `"1400-1499"`.
+pub fn parse_port_range(spec: &str) -> Result<RangeInclusive<u16>, String> {
+    let bad = || format!("port {spec:?} must be a port (1-65535) or a range like \"1400-1499\"");
+    let (low, high) = spec.split_once('-').unwrap_or((spec, spec));
+    let low = parse_port(low.trim()).map_err(|_| bad())?;
+    let high = parse_port(high.trim()).map_err(|_| bad())?;
+    if low > high {
+        return Err(bad());
+    }
+    Ok(low..=high)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(name: &str, domains: &[&str], ports: &[&str], private_endpoint: bool) -> Rule {
+        Rule {
+            name: name.into(),
+            domains: domains
+                .iter()
+                .map(|d| validate_pattern(d).unwrap())
+                .collect(),
+            ports: ports.iter().map(|p| parse_port_range(p).unwrap()).collect(),
+            private_endpoint,
+        }
+    }
+
+    fn appstream() -> RuleSet {
+        RuleSet::new(vec![
+            rule("gateway", &["*.amazonappstream.com"], &["443"], false),
+            rule("auth", &["appstream2.*.aws.amazon.com"], &["443"], false),
+            rule(
+                "vpce",
+                &["*.streaming.appstream.*.vpce.amazonaws.com"],
+                &["443", "1400-1499"],
+                true,
+            ),
+        ])
+        .unwrap()
+    }
+
+    fn rule_for(set: &RuleSet, host: &str, port: u16) -> Option<String> {
+        let Ok(Host::Name(name)) = parse_host(host) else {
+            return None;
+        };
+        match set.check(&name, port) {
+            Verdict::Allowed(rule) => Some(rule.name.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn leading_wildcard_is_one_or_more_labels() {
+        let set = appstream();
+        assert_eq!(
+            rule_for(&set, "a.amazonappstream.com", 443).as_deref(),
+            Some("gateway")
+        );
+        assert!(rule_for(&set, "a.b.amazonappstream.com", 443).is_some());
+        assert!(rule_for(&set, "amazonappstream.com", 443).is_none());
+        assert!(rule_for(&set, "evilamazonappstream.com", 443).is_none());
+        assert!(rule_for(&set, "amazonappstream.com.evil.net", 443).is_none());
+        assert!(rule_for(&set, "a.amazonappstream.com.evil.net", 443).is_none());
+    }
+
+    #[test]
+    fn inner_wildcard_stays_inside_one_label() {
+        let set = appstream();
+        assert!(rule_for(&set, "appstream2.us-east-1.aws.amazon.com", 443).is_some());
+        assert!(rule_for(&set, "appstream2.a.b.aws.amazon.com", 443).is_none());
+        assert!(rule_for(&set, "appstream2.aws.amazon.com", 443).is_none());
+        assert!(
+            rule_for(
+                &set,
+                "vpce-0123.streaming.appstream.eu-west-1.vpce.amazonaws.com",
+                1450
+            )
+            .is_some()
+        );
+        assert!(
+            rule_for(
+                &set,
+                "vpce-0123.streaming.appstream.eu.west.vpce.amazonaws.com",
+                443
+            )
+            .is_none()
+        );
+    }
+
+    #[test]
+    fn partial_label_wildcard() {
+        let set = RuleSet::new(vec![rule("p", &["d*.cloudfront.net"], &["443"], false)]).unwrap();
+        assert!(rule_for(&set, "d111.cloudfront.net", 443).is_some());
+        assert!(rule_for(&set, "x.d111.cloudfront.net", 443).is_none());
+        assert!(rule_for(&set, "e1.cloudfront.net", 443).is_none());
+    }
+
+    #[test]
+    fn exact_pattern_matches_only_itself() {
+        let set =
+            RuleSet::new(vec![rule("s", &["signin.aws.amazon.com"], &["443"], false)]).unwrap();
+        assert!(rule_for(&set, "signin.aws.amazon.com", 443).is_some());
+        assert!(rule_for(&set, "SIGNIN.AWS.AMAZON.COM.", 443).is_some());
+        assert!(rule_for(&set, "x.signin.aws.amazon.com", 443).is_none());
+    }
+
+    #[test]
+    fn ports_and_ranges() {
+        let set = appstream();
+        let vpce = "vpce-1.streaming.appstream.us-east-1.vpce.amazonaws.com";
+        for (port, ok) in [
+            (443, true),
+            (1400, true),
+            (1499, true),
+            (1500, false),
+            (444, false),
+        ] {
+            assert_eq!(rule_for(&set, vpce, port).is_some(), ok, "port {port}");
+        }
+        assert!(matches!(
+            set.check("gw.amazonappstream.com", 444),
+            Verdict::PortNotAllowed(rule) if rule.name == "gateway"
+        ));
+        assert_eq!(set.check("example.com", 443), Verdict::NoRule);
+    }
+
+    #[test]
+    fn later_rule_can_allow_the_port() {
+        let set = RuleSet::new(vec![
+            rule("a", &["*.example.com"], &["443"], false),
+            rule("b", &["x.example.com"], &["8443"], false),
+        ])
+        .unwrap();
+        assert!(matches!(set.check("x.example.com", 8443), Verdict::Allowed(r) if r.name == "b"));
+    }
+
+    #[test]
+    fn host_validation() {
+        assert_eq!(
+            parse_host("GW.AmazonAppStream.com."),
+            Ok(Host::Name("gw.amazonappstream.com".into()))
+        );
+        for bad in [
+            "",
+            ".",
+            ".amazonappstream.com",
+            "a..amazonappstream.com",
+            "a.amazonappstream.com..",
+            "a b.com",
+            "a%2e.com",
+            "bücher.de",
+            "a/b.com",
+            "a:b.com",
+        ] {
+            assert_eq!(parse_host(bad), Err(Reason::BadRequest), "{bad:?}");
+        }
+        let long_label = format!("{}.com", "a".repeat(64));
+        assert_eq!(parse_host(&long_label), Err(Reason::BadRequest));
+        let long_name = format!("{}com", "abcdefghi.".repeat(26));
+        assert_eq!(parse_host(&long_name), Err(Reason::BadRequest));
+        assert!(parse_host(&format!("{}.com", "a".repeat(63))).is_ok());
+    }
+
+    #[test]
+    fn numeric_hosts_are_ip_literals() {
+        for numeric in [
+            "10.0.0.1",
+            "127.1",
+            "2130706433",
+            "0x7f.1",
+            "0x7f000001",
+            "1.2.3.4.",
+        ] {
+            assert!(
+                matches!(
+                    parse_host(numeric),
+                    Ok(Host::Ip(_)) | Err(Reason::IpLiteral)
+                ),
+                "{numeric:?}"
+            );
+        }
+        assert!(parse_host("0xdead.example.com").is_ok());
+    }
+
+    #[test]
+    fn authority_parsing() {
+        assert_eq!(
+            parse_authority("a.example.com:443"),
+            Ok((Host::Name("a.example.com".into()), 443))
+        );
+        assert_eq!(
+            parse_authority("[::1]:443"),
+            Ok((Host::Ip("::1".parse().unwrap()), 443))
+        );
+        for bad in [
+            "a.example.com",
+            "a.example.com:",
+            "a.example.com:0",
+            "a.example.com:65536",
+            "a.example.com:+443",
+            "user@a.example.com:443",
+            "::1:443",
+            "[::1]",
+            "[nothex]:443",
+        ] {
+            assert_eq!(parse_authority(bad), Err(Reason::BadRequest), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn pattern_validation() {
+        assert!(validate_pattern("*.Example.com").is_ok());
+        assert!(validate_pattern("*").is_err());
+        assert!(validate_pattern("*.*").is_err());
+        assert!(validate_pattern("a..com").is_err());
+        assert!(validate_pattern("a.c?m").is_err());
+        assert!(validate_pattern("**.com").is_err());
+        assert!(parse_port_range("1499-1400").is_err());
+        assert!(parse_port_range("0").is_err());
+        assert_eq!(parse_port_range("1400-1499"), Ok(1400..=1499));
+    }
+}

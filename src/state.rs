@@ -1,0 +1,99 @@
+//! What every connection shares: the current config with its resolver (swapped whole on
+//! reload), the metrics, and the shutdown plumbing.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::destination::Policy;
+use crate::dns::Resolver;
+use crate::metrics::Metrics;
+
+/// One config, compiled into what the data path uses. Immutable; a reload builds a new one.
+pub struct Runtime {
+    pub config: Config,
+    pub resolver: Resolver,
+    pub policy: Policy,
+}
+
+impl Runtime {
+    pub fn new(config: Config) -> Result<Runtime, String> {
+        let resolver = Resolver::new(&config.dns)?;
+        let policy = Policy::new(config.destinations_allow.clone());
+        Ok(Runtime {
+            config,
+            resolver,
+            policy,
+        })
+    }
+}
+
+pub struct Shared {
+    runtime: ArcSwap<Runtime>,
+    pub metrics: Arc<Metrics>,
+    /// One permit per open client connection (`max_connections`).
+    pub connections: Arc<Semaphore>,
+    /// The permit count `connections` was last sized to.
+    connection_limit: std::sync::Mutex<usize>,
+    /// Every connection and tunnel task, so a drain can wait for them.
+    pub tasks: TaskTracker,
+    /// Fired when the drain timeout runs out: open tunnels close.
+    pub abort: CancellationToken,
+    draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Shared {
+        let limit = runtime.config.proxy.max_connections;
+        Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            metrics,
+            connections: Arc::new(Semaphore::new(limit)),
+            connection_limit: std::sync::Mutex::new(limit),
+            tasks: TaskTracker::new(),
+            abort: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.runtime.load_full()
+    }
+
+    /// Swaps in a new config. Open tunnels keep what they were opened with; new requests see
+    /// the new rules at once.
+    pub fn install(&self, runtime: Runtime) {
+        self.resize_connections(runtime.config.proxy.max_connections);
+        self.metrics.set_max_domains(runtime.config.max_domains);
+        self.runtime.store(Arc::new(runtime));
+    }
+
+    /// Grows at once; shrinks by the permits free now. Permits held by open connections are
+    /// not taken back, so a lowered limit binds fully once enough of those have closed and a
+    /// later reload (or restart) resizes again.
+    fn resize_connections(&self, limit: usize) {
+        let mut current = self
+            .connection_limit
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if limit >= *current {
+            self.connections.add_permits(limit - *current);
+            *current = limit;
+        } else {
+            *current -= self.connections.forget_permits(*current - limit);
+        }
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
