@@ -1,3 +1,356 @@
+//! Test harness: a real proxy, real origins and a real DNS server, all on loopback.
+//!
+//! Every test binary first calls [`isolate`] (through [`start`]), which re-executes the binary
+//! inside a fresh network namespace that has nothing but loopback. The names tests use are real
+//! AWS names; even a proxy bug that reached for the system resolver, or a destination check
+//! that let 10.x through, cannot send a packet off this machine.
 #![allow(dead_code)]
 
 pub mod dns;
+
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::Once;
+use std::time::Duration;
+
+use portcullis::{Config, Listeners, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+#[allow(unused_imports)]
+pub use dns::{DnsMode, TestDns};
+
+/// Set in the re-executed child so it does not re-execute again.
+const NETNS_MARK: &str = "PORTCULLIS_TEST_NETNS";
+
+/// Makes sure this process runs in a loopback-only network namespace; re-executes it under
+/// `unshare -rn` if not. Refuses to run the tests at all if that is impossible.
+pub fn isolate() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if only_loopback() {
+            return;
+        }
+        assert!(
+            std::env::var_os(NETNS_MARK).is_none(),
+            "re-executed under unshare but still not isolated; refusing to run"
+        );
+        let exe = std::env::current_exe().expect("the test binary has a path");
+        let error = Command::new("unshare")
+            .args(["-rn", "sh", "-c", "ip link set lo up && exec \"$0\" \"$@\""])
+            .arg(exe)
+            .args(std::env::args_os().skip(1))
+            .env(NETNS_MARK, "1")
+            .exec();
+        panic!("cannot isolate the tests in a network namespace (unshare -rn): {error}");
+    });
+}
+
+/// True when the only network interface is `lo`, and it is up.
+fn only_loopback() -> bool {
+    let Ok(dev) = std::fs::read_to_string("/proc/net/dev") else {
+        return false;
+    };
+    let interfaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|line| line.split(':').next())
+        .map(str::trim)
+        .collect();
+    interfaces == ["lo"] && std::net::TcpListener::bind("127.0.0.1:0").is_ok()
+}
+
+/// Knobs for the config a test proxy runs with. Rules are the embedded AppStream profile's.
+#[derive(Clone)]
+pub struct Setup {
+    pub max_connections: usize,
+    pub header_timeout: &'static str,
+    pub connect_timeout: &'static str,
+    pub idle_timeout: &'static str,
+    pub drain_timeout: &'static str,
+    pub cache_size: u64,
+    /// `[destinations] allow`; loopback by default so origins on 127.0.0.1 are reachable.
+    pub destinations_allow: Vec<&'static str>,
+    pub clients_allow: Vec<&'static str>,
+    pub max_domains: usize,
+    /// `[dns] hosts` entries as TOML inline-table body, e.g. `"a.b" = ["127.0.0.1"]`.
+    pub dns_hosts: String,
+    /// Extra `[[rule]]` tables appended after the default profile's.
+    pub extra_rules: String,
+}
+
+impl Default for Setup {
+    fn default() -> Setup {
+        Setup {
+            max_connections: 1000,
+            header_timeout: "5s",
+            connect_timeout: "3s",
+            idle_timeout: "30m",
+            drain_timeout: "5s",
+            cache_size: 4096,
+            destinations_allow: vec!["127.0.0.0/8", "::1/128"],
+            clients_allow: vec!["0.0.0.0/0", "::/0"],
+            max_domains: 1000,
+            dns_hosts: String::new(),
+            extra_rules: String::new(),
+        }
+    }
+}
+
+impl Setup {
+    pub fn to_toml(&self, dns: SocketAddr) -> String {
+        let list = |items: &[&str]| {
+            items
+                .iter()
+                .map(|i| format!("{i:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let rules_start = portcullis::config::DEFAULT_CONFIG
+            .find("[[rule]]")
+            .expect("the default config has rules");
+        format!(
+            "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = {}\nheader_timeout = {:?}\n\
+             connect_timeout = {:?}\nidle_timeout = {:?}\ndrain_timeout = {:?}\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\nadvertise = \"proxy.test:3128\"\n\n\
+             [dns]\nservers = [\"{dns}\"]\ncache_size = {}\nhosts = {{ {} }}\n\n\
+             [clients]\nallow = [{}]\n\n[destinations]\nallow = [{}]\n\n\
+             [metrics]\nmax_domains = {}\n\n{}\n{}\n",
+            self.max_connections,
+            self.header_timeout,
+            self.connect_timeout,
+            self.idle_timeout,
+            self.drain_timeout,
+            self.cache_size,
+            self.dns_hosts,
+            list(&self.clients_allow),
+            list(&self.destinations_allow),
+            self.max_domains,
+            &portcullis::config::DEFAULT_CONFIG[rules_start..],
+            self.extra_rules,
+        )
+    }
+}
+
+/// A proxy serving on loopback, with its own DNS server.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dns: TestDns,
+    pub proxy: Proxy,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// Starts a DNS server and a proxy pointed at it.
+pub async fn start(setup: Setup) -> TestProxy {
+    isolate();
+    let dns = TestDns::start().await;
+    let text = setup.to_toml(dns.addr);
+    let config = Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let listeners = Listeners {
+        proxy: vec![TcpListener::bind("127.0.0.1:0").await.unwrap()],
+        admin: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+    };
+    let addr = listeners.proxy[0].local_addr().unwrap();
+    let admin = listeners.admin.as_ref().unwrap().local_addr().unwrap();
+    let proxy = Proxy::new(config).expect("proxy starts");
+    let (tx, rx) = oneshot::channel();
+    let runner = proxy.clone();
+    let task = tokio::spawn(async move {
+        runner
+            .run(listeners, async {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    TestProxy {
+        addr,
+        admin,
+        dns,
+        proxy,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+impl TestProxy {
+    /// Starts the drain and returns the task that finishes when the proxy has stopped.
+    pub fn shut_down(&mut self) -> JoinHandle<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("shut down once")
+    }
+
+    /// `GET path` on the admin listener: (status, body).
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        http_get(self.admin, path).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.admin_get("/metrics").await.1
+    }
+
+    /// The value of one sample line, e.g. `portcullis_tunnels_active{domain="a.b"}`; 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+/// A minimal HTTP/1.0 GET.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: admin\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status = text[9..12].parse().unwrap();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The proxy's reply to a request head.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    /// Lowercased header names.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The `error=` part of `Proxy-Status`.
+    pub fn reason(&self) -> Option<&str> {
+        self.header("proxy-status")?.split("error=").nth(1)
+    }
+}
+
+/// Sends raw bytes as a request head and reads the reply head, byte by byte so nothing that
+/// follows the head is consumed.
+pub async fn request(proxy: SocketAddr, raw: &[u8]) -> (Reply, TcpStream) {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(raw).await.unwrap();
+    let reply = read_reply(&mut stream).await;
+    (reply, stream)
+}
+
+pub async fn read_reply(stream: &mut TcpStream) -> Reply {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut byte))
+            .await
+            .expect("reply within 20 s")
+            .unwrap();
+        assert!(
+            n == 1,
+            "connection closed mid-head: {:?}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8(head).unwrap();
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap()[9..12].parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Reply { status, headers }
+}
+
+/// `CONNECT authority HTTP/1.1`.
+pub async fn connect(proxy: SocketAddr, authority: &str) -> (Reply, TcpStream) {
+    let head = format!("CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n");
+    request(proxy, head.as_bytes()).await
+}
+
+/// An origin that echoes every byte back and passes a half-close on.
+pub struct Origin {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Origin {
+    /// An echo origin on `ip`, port `port` (0 for any).
+    pub async fn echo_on(ip: &str, port: u16) -> Origin {
+        let listener = TcpListener::bind((ip.parse::<IpAddr>().unwrap(), port))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
+                });
+            }
+        });
+        Origin { addr, task }
+    }
+
+    pub async fn echo() -> Origin {
+        Origin::echo_on("127.0.0.1", 0).await
+    }
+}
+
+/// Writes `data` through `stream` and expects it echoed back.
+pub async fn assert_echo(stream: &mut TcpStream, data: &[u8]) {
+    stream.write_all(data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut back))
+        .await
+        .expect("echo within 10 s")
+        .unwrap();
+    assert_eq!(back, data);
+}
+
+/// Polls `check` until it holds or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
