@@ -119,12 +119,12 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .admin
         .as_ref()
         .and_then(|l| l.local_addr().ok())
-        .map(|a| a.to_string());
+        .map_or_else(|| "off".to_string(), |a| a.to_string());
     let proxy = Proxy::new(config).map_err(anyhow::Error::msg)?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
-        listen = ?addrs,
-        admin = ?admin,
+        listen = %addrs.join(" "),
+        admin = %admin,
         "portcullis serving"
     );
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;

@@ -127,6 +127,7 @@ impl TestDns {
     /// Binds UDP and TCP on 127.0.0.1 with the same ephemeral port, serves
     /// until dropped. Must be called inside a tokio runtime.
     pub async fn start() -> TestDns {
+        super::isolate();
         let (udp, tcp) = bind_pair().await;
         let addr = udp.local_addr().expect("udp local_addr");
         let seed = std::time::SystemTime::now()
