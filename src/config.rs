@@ -51,6 +51,8 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// How long open tunnels get to finish after SIGTERM.
     pub drain_timeout: Duration,
+    /// Reload when the config file changes (a Kubernetes ConfigMap update), as on SIGHUP.
+    pub watch_config: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -228,6 +230,7 @@ struct RawProxy {
     connect_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
+    watch_config: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -326,6 +329,7 @@ impl RawProxy {
             drain_timeout: duration(&self.drain_timeout, 30)?,
             listen,
             max_connections: max_connections?,
+            watch_config: self.watch_config.unwrap_or(false),
         })
     }
 }

@@ -283,6 +283,7 @@ fn open_tunnel(
             downstream: &handles.bytes_downstream,
         };
         let totals = tunnel::relay(
+            tunnel::Mode::best(),
             client,
             early,
             upstream,

@@ -14,6 +14,7 @@
 //! - [`access_log`]: the decision and tunnel-close events.
 //! - [`error`]: refusal reasons and the one mapping to replies.
 //! - [`state`]: what connections share; config swaps on reload.
+//! - [`reload`]: SIGHUP and config-file watching.
 //! - [`prefixed`]: a socket with already-read bytes put back in front.
 //!
 //! `main.rs` is a thin shell over [`Proxy`]; tests drive the same [`Proxy::run`] with
@@ -29,6 +30,7 @@ pub mod dns;
 pub mod error;
 pub mod metrics;
 pub mod prefixed;
+pub mod reload;
 pub mod rules;
 pub mod server;
 pub mod state;

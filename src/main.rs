@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use portcullis::reload::Reloader;
 use portcullis::{Config, Listeners, Proxy};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -120,6 +121,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         .as_ref()
         .and_then(|l| l.local_addr().ok())
         .map_or_else(|| "off".to_string(), |a| a.to_string());
+    let watch = config.proxy.watch_config;
     let proxy = Proxy::new(config).map_err(anyhow::Error::msg)?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -128,12 +130,18 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         "portcullis serving"
     );
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let reloader = proxy.clone();
+    let reloader = path.map(|path| {
+        let loaded = std::fs::read(&path).ok();
+        Reloader::new(path, proxy.clone(), loaded)
+    });
+    if let Some(reloader) = reloader.clone().filter(|_| watch) {
+        tokio::spawn(reloader.watch(portcullis::reload::WATCH_INTERVAL));
+    }
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
-            match &path {
-                Some(path) => {
-                    let _ = reloader.reload(Config::load(path).map_err(|e| e.to_string()));
+            match &reloader {
+                Some(reloader) => {
+                    let _ = reloader.reload();
                 }
                 None => tracing::info!("SIGHUP: running on the embedded config; nothing to reload"),
             }
