@@ -14,6 +14,8 @@ use crate::tunnel::Totals;
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub client: SocketAddr,
+    /// The authenticated user, when `[auth]` is on.
+    pub user: String,
     pub host: String,
     pub port: u16,
     pub rule: String,
@@ -25,6 +27,7 @@ impl Entry {
     pub fn new(client: SocketAddr) -> Entry {
         Entry {
             client,
+            user: String::new(),
             host: String::new(),
             port: 0,
             rule: String::new(),
@@ -43,6 +46,7 @@ impl Entry {
             target: "access",
             event = "decision",
             client = %self.client,
+            user = %self.user,
             host = %self.host,
             port = self.port,
             rule = %self.rule,
@@ -58,6 +62,7 @@ impl Entry {
             target: "access",
             event = "tunnel_closed",
             client = %self.client,
+            user = %self.user,
             host = %self.host,
             port = self.port,
             rule = %self.rule,

@@ -15,6 +15,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::auth::UsersFile;
 use crate::rules::{self, Host, Rule, RuleSet};
 
 /// The AppStream profile, compiled in so a bare `portcullis` is useful.
@@ -30,6 +31,11 @@ pub struct Config {
     pub dns: DnsConfig,
     /// `[clients] allow`: source networks that may use the proxy.
     pub clients_allow: Vec<IpNet>,
+    /// `[clients] max_tunnels_per_client`: open tunnels per client address; 0 is no limit.
+    /// Keeps one runaway or compromised host from taking every connection slot.
+    pub max_tunnels_per_client: usize,
+    /// `[auth] users_file`, loaded: when present, every request must authenticate.
+    pub auth: Option<UsersFile>,
     /// `[destinations] allow`: networks reachable despite the special-purpose deny list.
     pub destinations_allow: Vec<IpNet>,
     /// `[metrics] max_domains`: distinct `domain` label values before `_other`.
@@ -212,7 +218,9 @@ struct RawConfig {
     #[serde(default)]
     dns: RawDns,
     #[serde(default)]
-    clients: RawNets,
+    clients: RawClients,
+    #[serde(default)]
+    auth: RawAuth,
     #[serde(default)]
     destinations: RawNets,
     #[serde(default)]
@@ -259,6 +267,19 @@ struct RawNets {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawClients {
+    allow: Option<Vec<Spanned<String>>>,
+    max_tunnels_per_client: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    users_file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawMetrics {
     max_domains: Option<Spanned<i64>>,
 }
@@ -279,6 +300,22 @@ impl RawConfig {
         let admin = self.admin.validate(proxy.as_ref(), p);
         let dns = self.dns.validate(p);
         let clients_allow = nets(self.clients.allow, &["0.0.0.0/0", "::/0"], p);
+        let max_tunnels_per_client = self
+            .clients
+            .max_tunnels_per_client
+            .as_ref()
+            .map_or(Some(0), |v| {
+                p.check(v, |&n| non_negative(n, "max_tunnels_per_client"))
+            });
+        let auth = match &self.auth.users_file {
+            None => Some(None),
+            Some(file) => p
+                .check(file, |name| {
+                    let base = Path::new(source).parent().unwrap_or(Path::new(""));
+                    UsersFile::load(&base.join(name))
+                })
+                .map(Some),
+        };
         let destinations_allow = nets(self.destinations.allow, &[], p);
         let max_domains = self
             .metrics
@@ -292,6 +329,8 @@ impl RawConfig {
             admin: admin?,
             dns: dns?,
             clients_allow,
+            max_tunnels_per_client: max_tunnels_per_client?,
+            auth: auth?,
             destinations_allow,
             max_domains: max_domains?,
             rules: rules?,

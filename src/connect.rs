@@ -12,18 +12,20 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::header::PROXY_AUTHORIZATION;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::access_log::Entry;
+use crate::auth::{Authenticator, Denied};
 use crate::dns::{CachePath, DnsFailure};
 use crate::error::Reason;
-use crate::metrics::{DomainMetrics, INVALID};
+use crate::metrics::{DomainMetrics, INVALID, Metrics};
 use crate::prefixed::Prefixed;
 use crate::rules::{self, Host, Verdict};
-use crate::state::{Runtime, Shared};
+use crate::state::{ClientSlot, Runtime, Shared};
 use crate::tunnel::{self, Counters};
 
 /// Answers one request on a client connection.
@@ -34,14 +36,18 @@ pub async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let runtime = shared.runtime();
     let mut entry = Entry::new(client);
-    let (domain, result) = admit(&request, &runtime, &shared, &mut entry).await;
-    match result {
-        Ok(upstream) => {
+    let decided = admit(&request, &runtime, &shared, &mut entry).await;
+    let domain = label(&shared.metrics, &entry, decided.as_ref().err());
+    match decided {
+        Ok(admitted) => {
             let upgrade = hyper::upgrade::on(&mut request);
             shared.metrics.request(domain.label(), &entry.rule, None);
             entry.decision(None);
             let idle = runtime.config.proxy.idle_timeout;
-            open_tunnel(shared.clone(), upgrade, upstream, domain, entry, idle);
+            if let Domain::Matched(handles) = domain {
+                handles.upstream_connect.observe(admitted.connect_seconds);
+                open_tunnel(shared.clone(), upgrade, admitted, handles, entry, idle);
+            }
             Ok(Response::builder()
                 .status(StatusCode::OK)
                 .body(Full::new(Bytes::new()))
@@ -73,98 +79,134 @@ impl Domain {
     }
 }
 
-/// Decides a request; on success the origin is already connected.
+fn label(metrics: &Metrics, entry: &Entry, reason: Option<&Reason>) -> Domain {
+    if !entry.rule.is_empty() {
+        return Domain::Matched(metrics.domain(&entry.host));
+    }
+    let unparsed = matches!(
+        reason,
+        Some(Reason::BadRequest | Reason::AuthRequired | Reason::AuthFailed)
+    );
+    if entry.host.is_empty() || unparsed {
+        Domain::Refused(INVALID.to_string())
+    } else {
+        Domain::Refused(metrics.refused_label(&entry.host))
+    }
+}
+
+/// A tunnel about to open: the origin is connected and the client's slot is taken.
+struct Admitted {
+    upstream: TcpStream,
+    slot: ClientSlot,
+    connect_seconds: f64,
+}
+
+/// Decides a request, filling in `entry` as it learns. On success the origin is connected.
 async fn admit(
     request: &Request<Incoming>,
     runtime: &Runtime,
     shared: &Shared,
     entry: &mut Entry,
-) -> (Domain, Result<TcpStream, Reason>) {
-    let metrics = &shared.metrics;
-    let refused = |host: &str, reason| {
-        let label = if host.is_empty() {
-            INVALID.to_string()
-        } else {
-            metrics.refused_label(host)
-        };
-        (Domain::Refused(label), Err(reason))
-    };
-    let authority = request.uri().authority().map(|a| a.as_str()).unwrap_or("");
+) -> Result<Admitted, Reason> {
     if request.method() != Method::CONNECT {
-        let host = request.uri().host().unwrap_or("").to_ascii_lowercase();
-        entry.host = host.clone();
-        return refused(&host, Reason::MethodNotAllowed);
+        entry.host = request.uri().host().unwrap_or("").to_ascii_lowercase();
+        return Err(Reason::MethodNotAllowed);
     }
-    let (host, port) = match rules::parse_authority(authority) {
-        Ok((Host::Name(name), port)) => (name, port),
-        Ok((Host::Ip(ip), port)) => {
-            entry.host = ip.to_string();
-            entry.port = port;
-            return refused(&entry.host.clone(), Reason::IpLiteral);
-        }
-        Err(reason) => {
-            let raw = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
-            entry.host = raw.to_string();
-            let label = if reason == Reason::IpLiteral { raw } else { "" };
-            return refused(&label.to_ascii_lowercase(), reason);
-        }
-    };
-    entry.host = host.clone();
-    entry.port = port;
+    if let Some(auth) = &runtime.auth {
+        authenticate(auth, request, entry).await?;
+    }
+    let (host, port) = target(request, entry)?;
     let rule = match runtime.config.rules.check(&host, port) {
         Verdict::Allowed(rule) => rule,
         Verdict::PortNotAllowed(rule) => {
             entry.rule = rule.name.clone();
-            let handles = metrics.domain(&host);
-            return (Domain::Matched(handles), Err(Reason::PortNotAllowed));
+            return Err(Reason::PortNotAllowed);
         }
-        Verdict::NoRule => return refused(&host, Reason::DomainNotAllowed),
+        Verdict::NoRule => return Err(Reason::DomainNotAllowed),
     };
     entry.rule = rule.name.clone();
-    let handles = metrics.domain(&host);
-    let started = Instant::now();
+    let slot = shared
+        .client_slot(entry.client.ip(), runtime.config.max_tunnels_per_client)
+        .ok_or(Reason::TooManyTunnels)?;
     let path = if rule.private_endpoint {
         CachePath::Bypass
     } else {
         CachePath::Cached
     };
     entry.dns = Some(path);
+    let started = Instant::now();
     let timeout = runtime.config.proxy.connect_timeout;
-    let dialed = tokio::time::timeout(
-        timeout,
-        dial(
-            runtime,
-            shared,
-            &host,
-            port,
-            path,
-            rule.private_endpoint,
-            entry,
-            started + timeout,
-        ),
-    )
-    .await
-    .unwrap_or(Err(Reason::UpstreamTimeout));
-    if dialed.is_ok() {
-        handles
-            .upstream_connect
-            .observe(started.elapsed().as_secs_f64());
+    let dial = dial(
+        runtime,
+        shared,
+        &host,
+        port,
+        rule.private_endpoint,
+        entry,
+        started + timeout,
+    );
+    let upstream = tokio::time::timeout(timeout, dial)
+        .await
+        .unwrap_or(Err(Reason::UpstreamTimeout))?;
+    Ok(Admitted {
+        upstream,
+        slot,
+        connect_seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn authenticate(
+    auth: &Authenticator,
+    request: &Request<Incoming>,
+    entry: &mut Entry,
+) -> Result<(), Reason> {
+    let header = request
+        .headers()
+        .get(PROXY_AUTHORIZATION)
+        .map(|value| value.as_bytes());
+    match auth.check(header).await {
+        Ok(user) => {
+            entry.user = user;
+            Ok(())
+        }
+        Err(Denied::Missing) => Err(Reason::AuthRequired),
+        Err(Denied::Invalid) => Err(Reason::AuthFailed),
     }
-    (Domain::Matched(handles), dialed)
+}
+
+/// The CONNECT target as a validated, lowercased name and a port.
+fn target(request: &Request<Incoming>, entry: &mut Entry) -> Result<(String, u16), Reason> {
+    let authority = request.uri().authority().map_or("", |a| a.as_str());
+    match rules::parse_authority(authority) {
+        Ok((Host::Name(name), port)) => {
+            entry.host = name.clone();
+            entry.port = port;
+            Ok((name, port))
+        }
+        Ok((Host::Ip(ip), port)) => {
+            entry.host = ip.to_string();
+            entry.port = port;
+            Err(Reason::IpLiteral)
+        }
+        Err(reason) => {
+            let raw = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+            entry.host = raw.to_ascii_lowercase();
+            Err(reason)
+        }
+    }
 }
 
 /// Resolves, filters by destination policy, and connects to the first address that answers.
-#[allow(clippy::too_many_arguments)]
 async fn dial(
     runtime: &Runtime,
     shared: &Shared,
     host: &str,
     port: u16,
-    path: CachePath,
     private_endpoint: bool,
     entry: &mut Entry,
     deadline: Instant,
 ) -> Result<TcpStream, Reason> {
+    let path = entry.dns.unwrap_or(CachePath::Cached);
     let resolved = runtime.resolver.resolve(host, path).await;
     let result = match &resolved {
         Ok(_) => "ok",
@@ -247,35 +289,18 @@ fn interleave_families(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
 fn open_tunnel(
     shared: Arc<Shared>,
     upgrade: hyper::upgrade::OnUpgrade,
-    upstream: TcpStream,
-    domain: Domain,
+    admitted: Admitted,
+    handles: Arc<DomainMetrics>,
     entry: Entry,
     idle_timeout: Duration,
 ) {
-    let Domain::Matched(handles) = domain else {
-        return;
-    };
     let active = ActiveTunnel::new(handles);
     let tasks = shared.tasks.clone();
     tasks.spawn(async move {
+        let Admitted { upstream, slot, .. } = admitted;
         let started = Instant::now();
-        let (client, early) = match upgrade.await {
-            Ok(upgraded) => match upgraded.downcast::<TokioIo<Prefixed>>() {
-                Ok(parts) => {
-                    let (stream, unread) = parts.io.into_inner().into_parts();
-                    let mut early = bytes::BytesMut::from(&parts.read_buf[..]);
-                    early.extend_from_slice(&unread);
-                    (stream, early.freeze())
-                }
-                Err(_) => {
-                    tracing::error!("upgraded connection is not the expected type");
-                    return;
-                }
-            },
-            Err(e) => {
-                tracing::debug!(error = %e, "client went away before the tunnel opened");
-                return;
-            }
+        let Some((client, early)) = take_client(upgrade).await else {
+            return;
         };
         let handles = &active.0;
         let counters = Counters {
@@ -292,10 +317,34 @@ fn open_tunnel(
             &shared.abort,
         )
         .await;
+        drop(slot);
         let duration = started.elapsed();
         handles.tunnel_duration.observe(duration.as_secs_f64());
         entry.closed(&totals, duration);
     });
+}
+
+/// Waits for hyper to hand the connection over; returns the raw socket and every byte the
+/// client sent behind its CONNECT head (hyper's read buffer first, then what it never read).
+async fn take_client(upgrade: hyper::upgrade::OnUpgrade) -> Option<(TcpStream, Bytes)> {
+    let upgraded = match upgrade.await {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "client went away before the tunnel opened");
+            return None;
+        }
+    };
+    let Ok(parts) = upgraded.downcast::<TokioIo<Prefixed>>() else {
+        tracing::error!("upgraded connection is not the expected type");
+        return None;
+    };
+    let (stream, unread) = parts.io.into_inner().into_parts();
+    if unread.is_empty() {
+        return Some((stream, parts.read_buf));
+    }
+    let mut early = bytes::BytesMut::from(&parts.read_buf[..]);
+    early.extend_from_slice(&unread);
+    Some((stream, early.freeze()))
 }
 
 /// Holds `tunnels_active` up for exactly as long as the tunnel task lives, however it ends.

@@ -37,6 +37,12 @@ pub enum Reason {
     UpstreamTimeout,
     #[error("the proxy is at its connection limit")]
     Overloaded,
+    #[error("proxy authentication required")]
+    AuthRequired,
+    #[error("proxy authentication failed")]
+    AuthFailed,
+    #[error("too many open tunnels from your address")]
+    TooManyTunnels,
 }
 
 /// Whether a reason is a policy decision or something that went wrong.
@@ -74,6 +80,9 @@ impl Reason {
             Reason::UpstreamUnreachable => "upstream_unreachable",
             Reason::UpstreamTimeout => "upstream_timeout",
             Reason::Overloaded => "overloaded",
+            Reason::AuthRequired => "auth_required",
+            Reason::AuthFailed => "auth_failed",
+            Reason::TooManyTunnels => "too_many_tunnels",
         }
     }
 
@@ -92,15 +101,19 @@ impl Reason {
             }
             Reason::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::AuthRequired | Reason::AuthFailed => StatusCode::PROXY_AUTHENTICATION_REQUIRED,
+            Reason::TooManyTunnels => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
     /// Policy refusals are `denied`; everything that failed on the way is `error`.
     pub fn outcome(self) -> Outcome {
         match self.status() {
-            StatusCode::FORBIDDEN | StatusCode::METHOD_NOT_ALLOWED | StatusCode::BAD_REQUEST => {
-                Outcome::Denied
-            }
+            StatusCode::FORBIDDEN
+            | StatusCode::METHOD_NOT_ALLOWED
+            | StatusCode::BAD_REQUEST
+            | StatusCode::PROXY_AUTHENTICATION_REQUIRED
+            | StatusCode::TOO_MANY_REQUESTS => Outcome::Denied,
             _ => Outcome::Error,
         }
     }
@@ -118,8 +131,15 @@ impl Reason {
             .header("proxy-status", self.proxy_status())
             .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
             .header(header::CONNECTION, "close");
-        if self == Reason::MethodNotAllowed {
-            builder = builder.header(header::ALLOW, "CONNECT");
+        match self {
+            Reason::MethodNotAllowed => builder = builder.header(header::ALLOW, "CONNECT"),
+            Reason::AuthRequired | Reason::AuthFailed => {
+                builder = builder.header(
+                    header::PROXY_AUTHENTICATE,
+                    format!("Basic realm=\"{}\"", crate::auth::REALM),
+                );
+            }
+            _ => {}
         }
         builder
             .body(Full::new(Bytes::from(self.body_line())))

@@ -13,6 +13,7 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac`.
 //! - [`access_log`]: the decision and tunnel-close events.
 //! - [`error`]: refusal reasons and the one mapping to replies.
+//! - [`auth`]: optional `Proxy-Authorization: Basic` against a users file.
 //! - [`state`]: what connections share; config swaps on reload.
 //! - [`reload`]: SIGHUP and config-file watching.
 //! - [`prefixed`]: a socket with already-read bytes put back in front.
@@ -23,6 +24,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod connect;
 pub mod destination;

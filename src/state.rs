@@ -4,11 +4,15 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use std::net::IpAddr;
+
 use arc_swap::ArcSwap;
+use dashmap::DashMap;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::destination::Policy;
 use crate::dns::Resolver;
@@ -19,16 +23,19 @@ pub struct Runtime {
     pub config: Config,
     pub resolver: Resolver,
     pub policy: Policy,
+    pub auth: Option<Authenticator>,
 }
 
 impl Runtime {
     pub fn new(config: Config) -> Result<Runtime, String> {
         let resolver = Resolver::new(&config.dns)?;
         let policy = Policy::new(config.destinations_allow.clone());
+        let auth = config.auth.as_ref().map(Authenticator::new);
         Ok(Runtime {
             config,
             resolver,
             policy,
+            auth,
         })
     }
 }
@@ -45,6 +52,24 @@ pub struct Shared {
     /// Fired when the drain timeout runs out: open tunnels close.
     pub abort: CancellationToken,
     draining: AtomicBool,
+    /// Open tunnels (and dials in flight) per client address.
+    per_client: Arc<DashMap<IpAddr, usize>>,
+}
+
+/// One tunnel's place in its client's count; gives it back when dropped, however the tunnel
+/// ends.
+pub struct ClientSlot {
+    per_client: Arc<DashMap<IpAddr, usize>>,
+    client: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.per_client.remove_if_mut(&self.client, |_, count| {
+            *count -= 1;
+            *count == 0
+        });
+    }
 }
 
 impl Shared {
@@ -58,6 +83,7 @@ impl Shared {
             tasks: TaskTracker::new(),
             abort: CancellationToken::new(),
             draining: AtomicBool::new(false),
+            per_client: Arc::new(DashMap::new()),
         }
     }
 
@@ -87,6 +113,20 @@ impl Shared {
         } else {
             *current -= self.connections.forget_permits(*current - limit);
         }
+    }
+
+    /// Takes a tunnel slot for `client` unless it already has `max` (0: no limit).
+    pub fn client_slot(&self, client: IpAddr, max: usize) -> Option<ClientSlot> {
+        let mut count = self.per_client.entry(client).or_insert(0);
+        if max > 0 && *count >= max {
+            return None;
+        }
+        *count += 1;
+        drop(count);
+        Some(ClientSlot {
+            per_client: self.per_client.clone(),
+            client,
+        })
     }
 
     pub fn start_draining(&self) {
