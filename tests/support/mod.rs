@@ -80,6 +80,10 @@ pub struct Setup {
     pub dns_hosts: String,
     /// Extra `[[rule]]` tables appended after the default profile's.
     pub extra_rules: String,
+    /// `[clients] max_tunnels_per_client`.
+    pub max_tunnels_per_client: usize,
+    /// `[auth] users_file`, when set.
+    pub users_file: Option<String>,
 }
 
 impl Default for Setup {
@@ -96,6 +100,8 @@ impl Default for Setup {
             max_domains: 1000,
             dns_hosts: String::new(),
             extra_rules: String::new(),
+            max_tunnels_per_client: 0,
+            users_file: None,
         }
     }
 }
@@ -117,8 +123,8 @@ impl Setup {
              connect_timeout = {:?}\nidle_timeout = {:?}\ndrain_timeout = {:?}\n\n\
              [admin]\nlisten = \"127.0.0.1:0\"\nadvertise = \"proxy.test:3128\"\n\n\
              [dns]\nservers = [\"{dns}\"]\ncache_size = {}\nhosts = {{ {} }}\n\n\
-             [clients]\nallow = [{}]\n\n[destinations]\nallow = [{}]\n\n\
-             [metrics]\nmax_domains = {}\n\n{}\n{}\n",
+             [clients]\nallow = [{}]\nmax_tunnels_per_client = {}\n\n{}\
+             [destinations]\nallow = [{}]\n\n[metrics]\nmax_domains = {}\n\n{}\n{}\n",
             self.max_connections,
             self.header_timeout,
             self.connect_timeout,
@@ -127,6 +133,10 @@ impl Setup {
             self.cache_size,
             self.dns_hosts,
             list(&self.clients_allow),
+            self.max_tunnels_per_client,
+            self.users_file
+                .as_ref()
+                .map_or(String::new(), |f| format!("[auth]\nusers_file = {f:?}\n\n")),
             list(&self.destinations_allow),
             self.max_domains,
             &portcullis::config::DEFAULT_CONFIG[rules_start..],

@@ -1,0 +1,241 @@
+//! The `portcullis` binary as an operator runs it: SIGHUP and file-watch reloads, SIGTERM
+//! drain, a second signal, and a log that never carries a password.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use base64::Engine;
+use support::{Origin, Setup, TestDns, assert_echo, connect, http_get, request};
+
+/// A running `portcullis` child with its stdout collected line by line.
+struct Running {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    proxy: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Running {
+    fn start(config: &Path) -> Running {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("--config")
+            .arg(config)
+            .env("PORTCULLIS_LOG", "info")
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stdout = child.stdout.take().unwrap();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let serving = wait_for(&lines, "portcullis serving");
+        let field = |name: &str| -> SocketAddr {
+            let start = serving.find(&format!("\"{name}\":\"")).unwrap() + name.len() + 4;
+            let end = serving[start..].find('"').unwrap() + start;
+            serving[start..end].parse().unwrap()
+        };
+        Running {
+            proxy: field("listen"),
+            admin: field("admin"),
+            child,
+            lines,
+        }
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn wait_for(lines: &Mutex<Vec<String>>, needle: &str) -> String {
+    for _ in 0..500 {
+        if let Some(line) = lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("no log line with {needle:?}: {:?}", lines.lock().unwrap());
+}
+
+fn lo() -> Vec<IpAddr> {
+    vec!["127.0.0.1".parse().unwrap()]
+}
+
+/// A config file for the binary: listens on port 0, rules from `Setup` plus `extra`.
+fn write_config(path: &Path, dns: SocketAddr, extra_rules: String, watch: bool) {
+    let setup = Setup {
+        extra_rules,
+        drain_timeout: "10s",
+        ..Setup::default()
+    };
+    let text = setup
+        .to_toml(dns)
+        .replace("[proxy]\n", &format!("[proxy]\nwatch_config = {watch}\n"));
+    std::fs::write(path, text).unwrap();
+}
+
+fn rule(host: &str, port: u16) -> String {
+    format!("[[rule]]\nname = \"t\"\ndomains = [{host:?}]\nports = [\"{port}\"]\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
+    let dns = TestDns::start().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    dns.set("old.example.test", &lo(), 60);
+    dns.set("new.example.test", &lo(), 60);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.toml");
+    write_config(&path, dns.addr, rule("old.example.test", port), false);
+    let running = Running::start(&path);
+    let (reply, mut open) = connect(running.proxy, &format!("old.example.test:{port}")).await;
+    assert_eq!(reply.status, 200);
+
+    write_config(&path, dns.addr, rule("new.example.test", port), false);
+    running.signal("HUP");
+    wait_for(&running.lines, "config reloaded");
+    assert_eq!(connect(running.proxy, &format!("new.example.test:{port}")).await.0.status, 200);
+    assert_eq!(connect(running.proxy, &format!("old.example.test:{port}")).await.0.status, 403);
+    assert_echo(&mut open, b"untouched by the reload").await;
+
+    std::fs::write(&path, "[proxy]\nlisten = [\"127.0.0.1:0\"]\nheader_timeout = \"soon\"\n").unwrap();
+    running.signal("HUP");
+    let failure = wait_for(&running.lines, "config reload failed");
+    assert!(failure.contains(":3: "), "the log names the line: {failure}");
+    assert_eq!(connect(running.proxy, &format!("new.example.test:{port}")).await.0.status, 200);
+    let (_, metrics) = http_get(running.admin, "/metrics").await;
+    assert!(metrics.contains("portcullis_config_reloads_total{result=\"error\"} 1"), "{metrics}");
+    assert!(metrics.contains("portcullis_config_reloads_total{result=\"ok\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_config_reloads_on_change() {
+    let dns = TestDns::start().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    dns.set("new.example.test", &lo(), 60);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.toml");
+    write_config(&path, dns.addr, rule("old.example.test", port), true);
+    let running = Running::start(&path);
+    assert_eq!(connect(running.proxy, &format!("new.example.test:{port}")).await.0.status, 403);
+    // Kubernetes swaps a ConfigMap by renaming a new file into place; do the same.
+    let staged = dir.path().join("staged.toml");
+    write_config(&staged, dns.addr, rule("new.example.test", port), true);
+    std::fs::rename(&staged, &path).unwrap();
+    wait_for(&running.lines, "config reloaded");
+    assert_eq!(connect(running.proxy, &format!("new.example.test:{port}")).await.0.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_open_tunnels_then_exits_zero() {
+    let dns = TestDns::start().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    dns.set("gw.example.test", &lo(), 60);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.toml");
+    write_config(&path, dns.addr, rule("gw.example.test", port), false);
+    let mut running = Running::start(&path);
+    let (reply, mut open) = connect(running.proxy, &format!("gw.example.test:{port}")).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(http_get(running.admin, "/readyz").await.0, 200);
+
+    running.signal("TERM");
+    wait_for(&running.lines, "draining");
+    assert_eq!(http_get(running.admin, "/readyz").await.0, 503);
+    assert!(
+        tokio::net::TcpStream::connect(running.proxy).await.is_err(),
+        "no longer accepting"
+    );
+    assert_echo(&mut open, b"still flowing during the drain").await;
+    assert_eq!(running.wait_exit(Duration::from_millis(300)), None, "waits for the tunnel");
+    drop(open);
+    assert_eq!(running.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_exits_at_once() {
+    let dns = TestDns::start().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    dns.set("gw.example.test", &lo(), 60);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.toml");
+    write_config(&path, dns.addr, rule("gw.example.test", port), false);
+    let mut running = Running::start(&path);
+    let (_, _open) = connect(running.proxy, &format!("gw.example.test:{port}")).await;
+    running.signal("TERM");
+    wait_for(&running.lines, "draining");
+    assert_eq!(running.wait_exit(Duration::from_millis(300)), None);
+    running.signal("INT");
+    let code = running.wait_exit(Duration::from_secs(2));
+    assert!(matches!(code, Some(c) if c != 0), "exited at once, non-zero: {code:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_reach_the_log() {
+    let dns = TestDns::start().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    dns.set("gw.example.test", &lo(), 60);
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users");
+    std::fs::write(&users, format!("alice:{}\n", bcrypt::hash("Tr0ub4dor&3", 4).unwrap())).unwrap();
+    let path = dir.path().join("portcullis.toml");
+    write_config(&path, dns.addr, rule("gw.example.test", port), false);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}\n[auth]\nusers_file = \"users\"\n")).unwrap();
+    let mut running = Running::start(&path);
+    for password in ["Tr0ub4dor&3", "WrongPassw0rd!"] {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("alice:{password}"));
+        let head = format!(
+            "CONNECT gw.example.test:{port} HTTP/1.1\r\nProxy-Authorization: Basic {token}\r\n\r\n"
+        );
+        let _ = request(running.proxy, head.as_bytes()).await;
+    }
+    running.signal("TERM");
+    assert_eq!(running.wait_exit(Duration::from_secs(5)), Some(0));
+    let log = running.log();
+    assert!(log.contains("\"user\":\"alice\""), "the user is logged: {log}");
+    for secret in ["Tr0ub4dor", "WrongPassw0rd", "YWxpY2U6"] {
+        assert!(!log.contains(secret), "{secret} leaked into the log");
+    }
+}
