@@ -21,6 +21,8 @@ pub struct Entry {
     pub rule: String,
     pub resolved: Option<SocketAddr>,
     pub dns: Option<CachePath>,
+    /// The server name of the tunnel's ClientHello, when it was read.
+    pub sni: String,
 }
 
 impl Entry {
@@ -33,6 +35,7 @@ impl Entry {
             rule: String::new(),
             resolved: None,
             dns: None,
+            sni: String::new(),
         }
     }
 
@@ -54,6 +57,7 @@ impl Entry {
             reason = reason_label,
             resolved = %self.resolved.map(|a| a.to_string()).unwrap_or_default(),
             dns = self.dns.map_or("", CachePath::as_str),
+            sni = %self.sni,
         );
     }
 
@@ -70,6 +74,7 @@ impl Entry {
             end = totals.end.as_str(),
             resolved = %self.resolved.map(|a| a.to_string()).unwrap_or_default(),
             dns = self.dns.map_or("", CachePath::as_str),
+            sni = %self.sni,
             bytes_upstream = totals.upstream,
             bytes_downstream = totals.downstream,
             duration_ms = duration.as_millis() as u64,

@@ -17,6 +17,7 @@ use toml::Spanned;
 
 use crate::auth::UsersFile;
 use crate::rules::{self, Host, Rule, RuleSet};
+use crate::sni::SniMode;
 
 /// The AppStream profile, compiled in so a bare `portcullis` is useful.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/portcullis.toml");
@@ -292,6 +293,7 @@ struct RawRule {
     ports: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
     private_endpoint: bool,
+    sni: Option<Spanned<String>>,
 }
 
 impl RawConfig {
@@ -470,11 +472,18 @@ fn validate_rules(raw: Vec<RawRule>, p: &mut Problems<'_>) -> Option<RuleSet> {
             .iter()
             .filter_map(|port| p.check(port, |s| rules::parse_port_range(s)))
             .collect();
+        let sni = rule.sni.as_ref().map_or(Some(SniMode::Enforce), |v| {
+            p.check(v, |s| {
+                SniMode::parse(s)
+                    .ok_or_else(|| format!("sni {s:?} must be \"enforce\", \"log\" or \"off\""))
+            })
+        });
         rules.push(Rule {
             name,
             domains,
             ports,
             private_endpoint: rule.private_endpoint,
+            sni: sni.unwrap_or_default(),
         });
     }
     if !p.list.is_empty() {

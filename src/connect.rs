@@ -12,10 +12,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::ext::ReasonPhrase;
 use hyper::header::PROXY_AUTHORIZATION;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use crate::access_log::Entry;
@@ -25,6 +27,7 @@ use crate::error::Reason;
 use crate::metrics::{DomainMetrics, INVALID, Metrics};
 use crate::prefixed::Prefixed;
 use crate::rules::{self, Host, Verdict};
+use crate::sni::{self, Hello, SniMode};
 use crate::state::{ClientSlot, Runtime, Shared};
 use crate::tunnel::{self, Counters};
 
@@ -33,6 +36,7 @@ pub async fn handle(
     mut request: Request<Incoming>,
     shared: Arc<Shared>,
     client: SocketAddr,
+    permit: ConnectionPermit,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let runtime = shared.runtime();
     let mut entry = Entry::new(client);
@@ -41,15 +45,30 @@ pub async fn handle(
     match decided {
         Ok(admitted) => {
             let upgrade = hyper::upgrade::on(&mut request);
-            shared.metrics.request(domain.label(), &entry.rule, None);
-            entry.decision(None);
-            let idle = runtime.config.proxy.idle_timeout;
+            if admitted.sni == SniMode::Off {
+                // Otherwise the decision is final only once the ClientHello has been read.
+                shared.metrics.request(domain.label(), &entry.rule, None);
+                entry.decision(None);
+            }
+            let timeouts = Timeouts {
+                idle: runtime.config.proxy.idle_timeout,
+                hello: runtime.config.proxy.header_timeout,
+            };
             if let Domain::Matched(handles) = domain {
                 handles.upstream_connect.observe(admitted.connect_seconds);
-                open_tunnel(shared.clone(), upgrade, admitted, handles, entry, idle);
+                let permit = permit.lock().unwrap_or_else(|e| e.into_inner()).take();
+                let tunnel = Tunnel {
+                    admitted,
+                    handles,
+                    entry,
+                    timeouts,
+                    permit,
+                };
+                open_tunnel(shared.clone(), upgrade, tunnel);
             }
             Ok(Response::builder()
                 .status(StatusCode::OK)
+                .extension(ReasonPhrase::from_static(b"Connection established"))
                 .body(Full::new(Bytes::new()))
                 .expect("static response parts are valid"))
         }
@@ -79,18 +98,18 @@ impl Domain {
     }
 }
 
+/// Only a tunnel that opens earns a label from the allowed-domain budget; everything refused
+/// or failed (even for a host that matched a rule) draws on the refused budget, unless the host
+/// already has a label. Otherwise made-up names under an allowed wildcard could fill
+/// `max_domains` and push real gateways into `_other`.
 fn label(metrics: &Metrics, entry: &Entry, reason: Option<&Reason>) -> Domain {
-    if !entry.rule.is_empty() {
-        return Domain::Matched(metrics.domain(&entry.host));
-    }
-    let unparsed = matches!(
-        reason,
-        Some(Reason::BadRequest | Reason::AuthRequired | Reason::AuthFailed)
-    );
-    if entry.host.is_empty() || unparsed {
-        Domain::Refused(INVALID.to_string())
-    } else {
-        Domain::Refused(metrics.refused_label(&entry.host))
+    match reason {
+        None => Domain::Matched(metrics.domain(&entry.host)),
+        Some(Reason::BadRequest | Reason::AuthRequired | Reason::AuthFailed) => {
+            Domain::Refused(INVALID.to_string())
+        }
+        Some(_) if entry.host.is_empty() => Domain::Refused(INVALID.to_string()),
+        Some(_) => Domain::Refused(metrics.refused_label(&entry.host)),
     }
 }
 
@@ -99,6 +118,26 @@ struct Admitted {
     upstream: TcpStream,
     slot: ClientSlot,
     connect_seconds: f64,
+    sni: SniMode,
+}
+
+/// The client connection's `max_connections` permit, handed to the tunnel that replaces it.
+pub type ConnectionPermit = Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>;
+
+/// Everything a tunnel task owns.
+struct Tunnel {
+    admitted: Admitted,
+    handles: Arc<DomainMetrics>,
+    entry: Entry,
+    timeouts: Timeouts,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+/// The limits a tunnel task runs under, copied from the config it was admitted by.
+struct Timeouts {
+    idle: Duration,
+    /// How long the client has to send its ClientHello (the same budget as a request head).
+    hello: Duration,
 }
 
 /// Decides a request, filling in `entry` as it learns. On success the origin is connected.
@@ -109,7 +148,13 @@ async fn admit(
     entry: &mut Entry,
 ) -> Result<Admitted, Reason> {
     if request.method() != Method::CONNECT {
-        entry.host = request.uri().host().unwrap_or("").to_ascii_lowercase();
+        let uri = request.uri();
+        entry.host = uri.host().unwrap_or("").to_ascii_lowercase();
+        entry.port = uri.port_u16().unwrap_or(match uri.scheme_str() {
+            Some("https") => 443,
+            Some("http") => 80,
+            _ => 0,
+        });
         return Err(Reason::MethodNotAllowed);
     }
     if let Some(auth) = &runtime.auth {
@@ -152,6 +197,7 @@ async fn admit(
         upstream,
         slot,
         connect_seconds: started.elapsed().as_secs_f64(),
+        sni: rule.sni,
     })
 }
 
@@ -286,23 +332,41 @@ fn interleave_families(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
 }
 
 /// Spawns the tunnel task: waits for hyper to hand over the connection, then relays.
-fn open_tunnel(
-    shared: Arc<Shared>,
-    upgrade: hyper::upgrade::OnUpgrade,
-    admitted: Admitted,
-    handles: Arc<DomainMetrics>,
-    entry: Entry,
-    idle_timeout: Duration,
-) {
+fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: Tunnel) {
+    let Tunnel {
+        admitted,
+        handles,
+        mut entry,
+        timeouts,
+        permit,
+    } = tunnel;
     let active = ActiveTunnel::new(handles);
     let tasks = shared.tasks.clone();
     tasks.spawn(async move {
-        let Admitted { upstream, slot, .. } = admitted;
+        let _permit = permit;
+        let Admitted {
+            upstream,
+            slot,
+            sni,
+            ..
+        } = admitted;
         let started = Instant::now();
-        let Some((client, early)) = take_client(upgrade).await else {
+        let Some((mut client, early)) = take_client(upgrade).await else {
             return;
         };
         let handles = &active.0;
+        let early = if sni == SniMode::Off {
+            early
+        } else {
+            let checked = check_sni(&mut client, early, sni, timeouts.hello, &mut entry).await;
+            let reason = checked.as_ref().err().copied();
+            shared.metrics.request(&handles.label, &entry.rule, reason);
+            entry.decision(reason);
+            match checked {
+                Ok(early) => early,
+                Err(_) => return,
+            }
+        };
         let counters = Counters {
             upstream: &handles.bytes_upstream,
             downstream: &handles.bytes_downstream,
@@ -312,7 +376,7 @@ fn open_tunnel(
             client,
             early,
             upstream,
-            idle_timeout,
+            timeouts.idle,
             counters,
             &shared.abort,
         )
@@ -322,6 +386,44 @@ fn open_tunnel(
         handles.tunnel_duration.observe(duration.as_secs_f64());
         entry.closed(&totals, duration);
     });
+}
+
+/// Reads the ClientHello and compares its server name with the CONNECT host. Returns the bytes
+/// to forward, or the reason the tunnel closes (under `enforce`; `log` only logs).
+async fn check_sni(
+    client: &mut TcpStream,
+    early: Bytes,
+    mode: SniMode,
+    within: Duration,
+    entry: &mut Entry,
+) -> Result<Bytes, Reason> {
+    let (bytes, hello) = sni::read_hello(client, early, within).await;
+    let verdict = match hello {
+        Ok(Hello::Tls(Some(name))) if name == entry.host => {
+            entry.sni = name;
+            return Ok(bytes);
+        }
+        Ok(Hello::Tls(name)) => {
+            entry.sni = name.unwrap_or_default();
+            Reason::SniMismatch
+        }
+        Ok(Hello::NotTls) | Err(_) => Reason::NotTls,
+    };
+    tracing::warn!(
+        client = %entry.client,
+        host = %entry.host,
+        sni = %entry.sni,
+        reason = verdict.as_str(),
+        enforced = mode == SniMode::Enforce,
+        "tunnel does not carry TLS for the host it CONNECTed to"
+    );
+    if mode == SniMode::Log {
+        return Ok(bytes);
+    }
+    if verdict == Reason::SniMismatch {
+        let _ = client.try_write(&sni::ACCESS_DENIED_ALERT);
+    }
+    Err(verdict)
 }
 
 /// Waits for hyper to hand the connection over; returns the raw socket and every byte the

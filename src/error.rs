@@ -43,6 +43,11 @@ pub enum Reason {
     AuthFailed,
     #[error("too many open tunnels from your address")]
     TooManyTunnels,
+    /// Decided inside an open tunnel, so never sent as a reply: the tunnel closes.
+    #[error("the TLS server name does not match the CONNECT host")]
+    SniMismatch,
+    #[error("the tunnel does not start with a TLS ClientHello")]
+    NotTls,
 }
 
 /// Whether a reason is a policy decision or something that went wrong.
@@ -83,6 +88,8 @@ impl Reason {
             Reason::AuthRequired => "auth_required",
             Reason::AuthFailed => "auth_failed",
             Reason::TooManyTunnels => "too_many_tunnels",
+            Reason::SniMismatch => "sni_mismatch",
+            Reason::NotTls => "not_tls",
         }
     }
 
@@ -92,7 +99,9 @@ impl Reason {
             | Reason::PortNotAllowed
             | Reason::IpLiteral
             | Reason::DestinationNotAllowed
-            | Reason::ClientNotAllowed => StatusCode::FORBIDDEN,
+            | Reason::ClientNotAllowed
+            | Reason::SniMismatch
+            | Reason::NotTls => StatusCode::FORBIDDEN,
             Reason::BadRequest => StatusCode::BAD_REQUEST,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Reason::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,

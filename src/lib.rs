@@ -9,6 +9,7 @@
 //! - [`server`]: the accept loop, connection limit, client ACL, request head.
 //! - [`connect`]: one CONNECT request, from authority to 200.
 //! - [`tunnel`]: relaying bytes both ways.
+//! - [`sni`]: the ClientHello parser and the SNI-matches-CONNECT check.
 //! - [`metrics`]: the Prometheus registry and per-domain handles.
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac`.
 //! - [`access_log`]: the decision and tunnel-close events.
@@ -35,6 +36,7 @@ pub mod prefixed;
 pub mod reload;
 pub mod rules;
 pub mod server;
+pub mod sni;
 pub mod state;
 pub mod tunnel;
 

@@ -156,11 +156,19 @@ impl Metrics {
         metrics
             .domains
             .insert(OTHER.to_string(), Arc::new(metrics.handles(OTHER)));
-        for reason in ["overloaded", "client_not_allowed", "header_timeout"] {
+        for reason in [
+            "overloaded",
+            "client_not_allowed",
+            "header_timeout",
+            "accept_error",
+        ] {
             metrics.connections_rejected.with_label_values(&[reason]);
         }
-        for (cache, result) in [("cached", "ok"), ("bypass", "ok")] {
-            metrics.dns_lookups.with_label_values(&[cache, result]);
+        // Series that exist from the start, so `rate()` and `increase()` see their first event.
+        for cache in ["cached", "bypass"] {
+            for result in ["ok", "nxdomain", "error"] {
+                metrics.dns_lookups.with_label_values(&[cache, result]);
+            }
         }
         for result in ["ok", "error"] {
             metrics.config_reloads.with_label_values(&[result]);

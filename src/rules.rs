@@ -13,6 +13,7 @@ use std::ops::RangeInclusive;
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 use crate::error::Reason;
+use crate::sni::SniMode;
 
 /// RFC 1035 limits, the ones resolvers enforce too.
 const MAX_NAME_LEN: usize = 253;
@@ -104,6 +105,8 @@ pub struct Rule {
     pub ports: Vec<RangeInclusive<u16>>,
     /// Interface VPC endpoint names: never cached, may resolve to RFC 1918 / ULA addresses.
     pub private_endpoint: bool,
+    /// Whether the TLS ClientHello inside the tunnel must name the CONNECT host.
+    pub sni: SniMode,
 }
 
 impl Rule {
@@ -240,6 +243,7 @@ mod tests {
                 .collect(),
             ports: ports.iter().map(|p| parse_port_range(p).unwrap()).collect(),
             private_endpoint,
+            sni: SniMode::Enforce,
         }
     }
 

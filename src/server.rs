@@ -52,7 +52,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
             }
         };
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-            reject_now(&stream, peer, &shared, Reason::Overloaded);
+            reject_overloaded(stream, peer, &shared);
             continue;
         };
         let task_shared = shared.clone();
@@ -62,19 +62,34 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
     }
 }
 
-/// A best-effort reply without waiting: a fresh socket's send buffer always takes a short
-/// reply, and a client that is not reading must not hold up the accept loop.
-fn reject_now(stream: &TcpStream, peer: SocketAddr, shared: &Shared, reason: Reason) {
-    let _ = stream.try_write(&reason.raw_response());
-    shared.metrics.connection_rejected(reason.as_str());
-    access_log::rejected(peer, reason);
+/// Past `max_connections`: a 503, closed gracefully in a task of its own so the accept loop
+/// never waits on the client. Those tasks are bounded too; past
+/// [`MAX_REJECTING`](crate::state::MAX_REJECTING) the reply
+/// is written once without waiting and the socket dropped.
+fn reject_overloaded(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) {
+    shared
+        .metrics
+        .connection_rejected(Reason::Overloaded.as_str());
+    access_log::rejected(peer, Reason::Overloaded);
+    match shared.rejecting.clone().try_acquire_owned() {
+        Ok(permit) => {
+            shared.tasks.spawn(async move {
+                let mut stream = stream;
+                let _ = write_and_close(&mut stream, Reason::Overloaded).await;
+                drop(permit);
+            });
+        }
+        Err(_) => {
+            let _ = stream.try_write(&Reason::Overloaded.raw_response());
+        }
+    }
 }
 
 async fn serve_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 ) {
     let runtime = shared.runtime();
     let peer = normalize(peer);
@@ -114,7 +129,11 @@ async fn serve_connection(
         Ok(Ok(())) => {}
     }
     let io = TokioIo::new(Prefixed::new(head.freeze(), stream));
-    let service = service_fn(move |request| connect::handle(request, shared.clone(), peer));
+    // The connection's permit moves into the tunnel if one opens, so open tunnels count
+    // against `max_connections` for as long as they live.
+    let permit = Arc::new(std::sync::Mutex::new(Some(permit)));
+    let service =
+        service_fn(move |request| connect::handle(request, shared.clone(), peer, permit.clone()));
     if let Err(e) = http1::Builder::new()
         .max_buf_size(MAX_HEAD.max(8192))
         .serve_connection(io, service)
@@ -142,14 +161,26 @@ async fn reject(stream: &mut TcpStream, peer: SocketAddr, shared: &Shared, reaso
     let _ = write_and_close(stream, reason).await;
 }
 
-/// Writes a refusal, bounded in time: a client that does not read cannot keep the task alive.
+/// Writes a refusal and closes without a reset: after our FIN, whatever the client still sends
+/// is read and discarded until it closes too, because closing a socket with unread bytes makes
+/// the kernel answer with RST, and a client may then lose the reply it has not read yet.
+/// Bounded in time and bytes: a client that neither reads nor closes cannot keep the task.
 async fn write_and_close(stream: &mut TcpStream, reason: Reason) -> std::io::Result<()> {
     let reply = reason.raw_response();
-    let write = async {
+    let close = async {
         stream.write_all(&reply).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        let mut discard = [0u8; 4096];
+        let mut budget: usize = 256 * 1024;
+        while budget > 0 {
+            match stream.read(&mut discard).await? {
+                0 => break,
+                n => budget = budget.saturating_sub(n),
+            }
+        }
+        Ok(())
     };
-    tokio::time::timeout(Duration::from_secs(5), write)
+    tokio::time::timeout(Duration::from_secs(2), close)
         .await
         .unwrap_or(Ok(()))
 }
@@ -188,11 +219,37 @@ fn check_head(buf: &[u8]) -> Result<bool, ()> {
         Ok(httparse::Status::Complete(_)) => {
             // hyper parses the target as a URI; anything it would reject is ours to refuse.
             let target = request.path.unwrap_or("");
-            target.parse::<hyper::Uri>().map(|_| true).map_err(|_| ())
+            target.parse::<hyper::Uri>().map_err(|_| ())?;
+            check_framing(request.method == Some("CONNECT"), request.headers)?;
+            Ok(true)
         }
         Ok(httparse::Status::Partial) => Ok(false),
         Err(_) => Err(()),
     }
+}
+
+/// A CONNECT carries no body: the bytes after its head belong to the tunnel. So on a CONNECT
+/// any `Transfer-Encoding`, or a `Content-Length` other than a plain 0, is a confused client
+/// or a request-smuggling attempt. Other methods are answered 405 whatever their body, but a
+/// `Content-Length` that is not a number, or two that disagree, would make hyper answer with
+/// its own bare 400; those get ours.
+fn check_framing(connect: bool, headers: &[httparse::Header<'_>]) -> Result<(), ()> {
+    let mut length: Option<&[u8]> = None;
+    for header in headers {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") && connect {
+            return Err(());
+        }
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let value = header.value;
+            let numeric = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
+            let conflicting = length.is_some_and(|earlier| earlier != value);
+            if !numeric || conflicting || (connect && value != b"0") {
+                return Err(());
+            }
+            length = Some(value);
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -210,6 +267,23 @@ mod tests {
             Ok(false)
         );
         assert_eq!(check_head(b"CONNECT a b c d\r\n\r\n"), Err(()));
+        let post = b"POST http://a.example.com/ HTTP/1.1\r\nContent-Length: 806\r\n\r\n";
+        assert_eq!(
+            check_head(post),
+            Ok(true),
+            "a body on other methods is theirs to send"
+        );
+        let bad_post = b"POST http://a.example.com/ HTTP/1.1\r\nContent-Length: x\r\n\r\n";
+        assert_eq!(check_head(bad_post), Err(()));
+        for framing in [
+            "Content-Length: abc",
+            "Content-Length: 5",
+            "Transfer-Encoding: chunked",
+            "Content-Length: 0\r\nContent-Length: 7",
+        ] {
+            let head = format!("CONNECT a.example.com:443 HTTP/1.1\r\n{framing}\r\n\r\n");
+            assert_eq!(check_head(head.as_bytes()), Err(()), "{framing}");
+        }
         assert_eq!(
             check_head(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"),
             Err(())

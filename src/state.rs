@@ -40,11 +40,16 @@ impl Runtime {
     }
 }
 
+/// Overloaded connections answered gracefully at once; past this they get a best-effort reply.
+pub const MAX_REJECTING: usize = 1024;
+
 pub struct Shared {
     runtime: ArcSwap<Runtime>,
     pub metrics: Arc<Metrics>,
-    /// One permit per open client connection (`max_connections`).
+    /// One permit per open client connection or tunnel (`max_connections`).
     pub connections: Arc<Semaphore>,
+    /// Bounds the tasks that answer connections turned away as overloaded.
+    pub rejecting: Arc<Semaphore>,
     /// The permit count `connections` was last sized to.
     connection_limit: std::sync::Mutex<usize>,
     /// Every connection and tunnel task, so a drain can wait for them.
@@ -79,6 +84,7 @@ impl Shared {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
             connections: Arc::new(Semaphore::new(limit)),
+            rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
             connection_limit: std::sync::Mutex::new(limit),
             tasks: TaskTracker::new(),
             abort: CancellationToken::new(),
