@@ -50,9 +50,16 @@ async fn proxy_authentication() {
     let (reply, _) = connect(proxy.addr, &authority).await;
     assert_eq!(reply.status, 407);
     assert_eq!(reply.reason(), Some("auth_required"));
-    assert_eq!(reply.header("proxy-authenticate"), Some("Basic realm=\"portcullis\""));
+    assert_eq!(
+        reply.header("proxy-authenticate"),
+        Some("Basic realm=\"portcullis\"")
+    );
 
-    for wrong in [basic("alice", "wrong"), basic("mallory", "correct horse"), "Basic ###".into()] {
+    for wrong in [
+        basic("alice", "wrong"),
+        basic("mallory", "correct horse"),
+        "Basic ###".into(),
+    ] {
         let head = format!("CONNECT {authority} HTTP/1.1\r\nProxy-Authorization: {wrong}\r\n\r\n");
         let (reply, _) = request(proxy.addr, head.as_bytes()).await;
         assert_eq!(reply.status, 407, "{wrong}");
@@ -134,7 +141,10 @@ async fn fifty_tunnels_survive_twenty_reloads() {
         14.0
     );
     assert_eq!(
-        support::metric_value(&metrics, "portcullis_config_reloads_total{result=\"error\"}"),
+        support::metric_value(
+            &metrics,
+            "portcullis_config_reloads_total{result=\"error\"}"
+        ),
         6.0
     );
 }
@@ -160,7 +170,13 @@ async fn reload_changes_rules_for_new_tunnels_only() {
         .reload(Config::parse(&text, "next.toml").map_err(|e| e.to_string()))
         .unwrap();
 
-    assert_eq!(connect(proxy.addr, &format!("{new_host}:{port}")).await.0.status, 200);
+    assert_eq!(
+        connect(proxy.addr, &format!("{new_host}:{port}"))
+            .await
+            .0
+            .status,
+        200
+    );
     let refused = connect(proxy.addr, &format!("{old_host}:{port}")).await.0;
     assert_eq!(refused.reason(), Some("domain_not_allowed"));
     // The tunnel opened under the old rules is untouched.
@@ -179,7 +195,10 @@ async fn slowloris_clients_do_not_starve_real_ones() {
     let mut slow = Vec::new();
     for _ in 0..2000 {
         let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
-        stream.write_all(b"CONNECT gw1.amazonappstream.com:443 HTTP/1.1\r\nX-Slow: ").await.unwrap();
+        stream
+            .write_all(b"CONNECT gw1.amazonappstream.com:443 HTTP/1.1\r\nX-Slow: ")
+            .await
+            .unwrap();
         slow.push(stream);
     }
     let authority = format!("{host}:{}", origin.addr.port());
@@ -188,7 +207,11 @@ async fn slowloris_clients_do_not_starve_real_ones() {
         let (reply, mut stream) = connect(proxy.addr, &authority).await;
         assert_eq!(reply.status, 200, "ordinary client {i}");
         assert_echo(&mut stream, b"through").await;
-        assert!(started.elapsed() < Duration::from_secs(2), "slow set-up: {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "slow set-up: {:?}",
+            started.elapsed()
+        );
     }
     drop(slow);
 }
@@ -217,7 +240,10 @@ async fn max_connections_holds_under_a_burst() {
             overloaded += 1;
         }
     }
-    assert_eq!(overloaded, 4900, "every connection past the limit heard 503 overloaded");
+    assert_eq!(
+        overloaded, 4900,
+        "every connection past the limit heard 503 overloaded"
+    );
     let counted = proxy
         .metric("portcullis_connections_rejected_total{reason=\"overloaded\"}")
         .await;
@@ -258,17 +284,27 @@ async fn dns_faults_give_clean_errors_and_recovery_is_immediate() {
     assert_eq!(status_of(&proxy, &authority).await.0, 200);
 
     proxy.dns.set_mode(DnsMode::ServFail);
-    assert_eq!(status_of(&proxy, &authority).await, (502, Some("dns_error".into())));
+    assert_eq!(
+        status_of(&proxy, &authority).await,
+        (502, Some("dns_error".into()))
+    );
     proxy.dns.set_mode(DnsMode::Garbage);
     let (status, reason) = status_of(&proxy, &authority).await;
     assert!(matches!(status, 502 | 504), "{status} {reason:?}");
     proxy.dns.set_mode(DnsMode::Silent);
     let started = std::time::Instant::now();
-    assert_eq!(status_of(&proxy, &authority).await, (504, Some("upstream_timeout".into())));
+    assert_eq!(
+        status_of(&proxy, &authority).await,
+        (504, Some("upstream_timeout".into()))
+    );
     assert!(started.elapsed() < Duration::from_secs(3));
 
     proxy.dns.set_mode(DnsMode::Normal);
-    assert_eq!(status_of(&proxy, &authority).await.0, 200, "recovers the moment DNS does");
+    assert_eq!(
+        status_of(&proxy, &authority).await.0,
+        200,
+        "recovers the moment DNS does"
+    );
     let errors = proxy
         .metric("portcullis_dns_lookups_total{cache=\"bypass\",result=\"error\"}")
         .await;
@@ -312,9 +348,15 @@ async fn an_origin_that_never_reads_does_not_grow_memory() {
         tokio::time::timeout(Duration::from_millis(500), stream.write_all(&chunk)).await
     {
         sent += chunk.len();
-        assert!(sent < 256 * 1024 * 1024, "the proxy kept accepting: it is buffering without bound");
+        assert!(
+            sent < 256 * 1024 * 1024,
+            "the proxy kept accepting: it is buffering without bound"
+        );
     }
     let grown = rss_kib().saturating_sub(before);
-    assert!(grown < 16 * 1024, "RSS grew {grown} KiB after {sent} bytes were accepted");
+    assert!(
+        grown < 16 * 1024,
+        "RSS grew {grown} KiB after {sent} bytes were accepted"
+    );
     holder.abort();
 }

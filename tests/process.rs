@@ -131,18 +131,49 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
     write_config(&path, dns.addr, rule("new.example.test", port), false);
     running.signal("HUP");
     wait_for(&running.lines, "config reloaded");
-    assert_eq!(connect(running.proxy, &format!("new.example.test:{port}")).await.0.status, 200);
-    assert_eq!(connect(running.proxy, &format!("old.example.test:{port}")).await.0.status, 403);
+    assert_eq!(
+        connect(running.proxy, &format!("new.example.test:{port}"))
+            .await
+            .0
+            .status,
+        200
+    );
+    assert_eq!(
+        connect(running.proxy, &format!("old.example.test:{port}"))
+            .await
+            .0
+            .status,
+        403
+    );
     assert_echo(&mut open, b"untouched by the reload").await;
 
-    std::fs::write(&path, "[proxy]\nlisten = [\"127.0.0.1:0\"]\nheader_timeout = \"soon\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "[proxy]\nlisten = [\"127.0.0.1:0\"]\nheader_timeout = \"soon\"\n",
+    )
+    .unwrap();
     running.signal("HUP");
     let failure = wait_for(&running.lines, "config reload failed");
-    assert!(failure.contains(":3: "), "the log names the line: {failure}");
-    assert_eq!(connect(running.proxy, &format!("new.example.test:{port}")).await.0.status, 200);
+    assert!(
+        failure.contains(":3: "),
+        "the log names the line: {failure}"
+    );
+    assert_eq!(
+        connect(running.proxy, &format!("new.example.test:{port}"))
+            .await
+            .0
+            .status,
+        200
+    );
     let (_, metrics) = http_get(running.admin, "/metrics").await;
-    assert!(metrics.contains("portcullis_config_reloads_total{result=\"error\"} 1"), "{metrics}");
-    assert!(metrics.contains("portcullis_config_reloads_total{result=\"ok\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("portcullis_config_reloads_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_config_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -155,13 +186,25 @@ async fn watch_config_reloads_on_change() {
     let path = dir.path().join("portcullis.toml");
     write_config(&path, dns.addr, rule("old.example.test", port), true);
     let running = Running::start(&path);
-    assert_eq!(connect(running.proxy, &format!("new.example.test:{port}")).await.0.status, 403);
+    assert_eq!(
+        connect(running.proxy, &format!("new.example.test:{port}"))
+            .await
+            .0
+            .status,
+        403
+    );
     // Kubernetes swaps a ConfigMap by renaming a new file into place; do the same.
     let staged = dir.path().join("staged.toml");
     write_config(&staged, dns.addr, rule("new.example.test", port), true);
     std::fs::rename(&staged, &path).unwrap();
     wait_for(&running.lines, "config reloaded");
-    assert_eq!(connect(running.proxy, &format!("new.example.test:{port}")).await.0.status, 200);
+    assert_eq!(
+        connect(running.proxy, &format!("new.example.test:{port}"))
+            .await
+            .0
+            .status,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +229,11 @@ async fn sigterm_drains_open_tunnels_then_exits_zero() {
         "no longer accepting"
     );
     assert_echo(&mut open, b"still flowing during the drain").await;
-    assert_eq!(running.wait_exit(Duration::from_millis(300)), None, "waits for the tunnel");
+    assert_eq!(
+        running.wait_exit(Duration::from_millis(300)),
+        None,
+        "waits for the tunnel"
+    );
     drop(open);
     assert_eq!(running.wait_exit(Duration::from_secs(5)), Some(0));
 }
@@ -207,7 +254,10 @@ async fn a_second_signal_exits_at_once() {
     assert_eq!(running.wait_exit(Duration::from_millis(300)), None);
     running.signal("INT");
     let code = running.wait_exit(Duration::from_secs(2));
-    assert!(matches!(code, Some(c) if c != 0), "exited at once, non-zero: {code:?}");
+    assert!(
+        matches!(code, Some(c) if c != 0),
+        "exited at once, non-zero: {code:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,7 +268,11 @@ async fn passwords_never_reach_the_log() {
     dns.set("gw.example.test", &lo(), 60);
     let dir = tempfile::tempdir().unwrap();
     let users = dir.path().join("users");
-    std::fs::write(&users, format!("alice:{}\n", bcrypt::hash("Tr0ub4dor&3", 4).unwrap())).unwrap();
+    std::fs::write(
+        &users,
+        format!("alice:{}\n", bcrypt::hash("Tr0ub4dor&3", 4).unwrap()),
+    )
+    .unwrap();
     let path = dir.path().join("portcullis.toml");
     write_config(&path, dns.addr, rule("gw.example.test", port), false);
     let text = std::fs::read_to_string(&path).unwrap();
@@ -234,7 +288,10 @@ async fn passwords_never_reach_the_log() {
     running.signal("TERM");
     assert_eq!(running.wait_exit(Duration::from_secs(5)), Some(0));
     let log = running.log();
-    assert!(log.contains("\"user\":\"alice\""), "the user is logged: {log}");
+    assert!(
+        log.contains("\"user\":\"alice\""),
+        "the user is logged: {log}"
+    );
     for secret in ["Tr0ub4dor", "WrongPassw0rd", "YWxpY2U6"] {
         assert!(!log.contains(secret), "{secret} leaked into the log");
     }

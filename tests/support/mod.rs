@@ -7,6 +7,8 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod tls;
+pub mod web;
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::process::CommandExt;
@@ -84,6 +86,9 @@ pub struct Setup {
     pub max_tunnels_per_client: usize,
     /// `[auth] users_file`, when set.
     pub users_file: Option<String>,
+    /// `sni` for every rule. Off by default: most tests relay plain bytes through echo
+    /// origins; the SNI tests turn it on.
+    pub sni: &'static str,
 }
 
 impl Default for Setup {
@@ -102,6 +107,7 @@ impl Default for Setup {
             extra_rules: String::new(),
             max_tunnels_per_client: 0,
             users_file: None,
+            sni: "off",
         }
     }
 }
@@ -142,6 +148,15 @@ impl Setup {
             &portcullis::config::DEFAULT_CONFIG[rules_start..],
             self.extra_rules,
         )
+        .lines()
+        .map(|line| {
+            if line.starts_with("[[rule]]") {
+                format!("[[rule]]\nsni = {:?}\n", self.sni)
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect()
     }
 }
 
