@@ -1,1 +1,365 @@
-fn main() {}
+//! proxybench: the load generator behind `benches/run.sh`.
+//!
+//! `benches/run.sh` installs the peers, builds, and runs this inside a private network, mount
+//! and PID namespace that has only loopback, with dnsmasq as the only resolver. Run by hand
+//! only inside such a namespace; it refuses to run where any other network interface exists.
+//!
+//! - `proxybench origin`: the echo, sink and source servers (started by `run`).
+//! - `proxybench run --work DIR --portcullis BIN --out FILE ...`: starts dnsmasq, the origin,
+//!   Squid, tinyproxy and portcullis (twice: logging on and off), measures each figure for every
+//!   peer in turn, repeats, and writes the report with medians.
+
+mod load;
+mod origin;
+mod peers;
+mod procfs;
+mod report;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use load::{Direction, Meter};
+use peers::{Helper, Kind, Peer};
+use report::Store;
+
+#[derive(Parser)]
+#[command(about = "portcullis load generator; run it through benches/run.sh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The origin servers (echo, sink, source on port 443 of 127.0.0.1-3).
+    Origin,
+    /// The whole benchmark.
+    Run(Box<RunArgs>),
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// Scratch directory for configs and logs.
+    #[arg(long)]
+    work: PathBuf,
+    /// The portcullis binary (release build).
+    #[arg(long)]
+    portcullis: PathBuf,
+    /// Where the report goes.
+    #[arg(long)]
+    out: PathBuf,
+    /// Repetitions; every figure is the median over them.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Seconds each measurement counts for.
+    #[arg(long, default_value_t = 3.0)]
+    duration: f64,
+    /// Seconds of load before counting starts.
+    #[arg(long, default_value_t = 0.5)]
+    warmup: f64,
+    /// Concurrency levels of the set-up figures.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    concurrency: Vec<usize>,
+    /// Idle tunnels for the RSS figure.
+    #[arg(long, default_value_t = 10_000)]
+    idle: usize,
+    /// Criterion's output directory, to quote the micro-benchmarks.
+    #[arg(long)]
+    criterion: Option<PathBuf>,
+    /// Only criterion results written after this Unix time are quoted.
+    #[arg(long, default_value_t = 0)]
+    criterion_since: u64,
+    /// Marks the report as a smoke test.
+    #[arg(long)]
+    quick: bool,
+    /// portcullis' version for the report (e.g. `git describe --always --dirty`).
+    #[arg(long, default_value = "")]
+    portcullis_version: String,
+    /// The command that ran the benchmark, for the report.
+    #[arg(long, default_value = "benches/run.sh")]
+    command: String,
+}
+
+fn main() -> ExitCode {
+    // `cargo bench` passes `--bench`; plain `cargo bench` passes nothing else.
+    let args: Vec<String> = std::env::args().filter(|a| a != "--bench").collect();
+    if args.len() <= 1 {
+        eprintln!(
+            "proxybench: the proxy benchmark needs Squid, tinyproxy, dnsmasq and a private \
+             network namespace; run it with benches/run.sh"
+        );
+        return ExitCode::SUCCESS;
+    }
+    let cli = Cli::parse_from(args);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    let result = match cli.command {
+        Cmd::Origin => runtime
+            .block_on(origin::serve())
+            .map_err(anyhow::Error::from),
+        Cmd::Run(args) => runtime.block_on(run(*args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("proxybench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Only loopback: nothing this benchmark sends can leave the machine.
+fn ensure_loopback_only() -> anyhow::Result<()> {
+    // /proc/self/net is this process's network namespace (/sys/class/net may be the host's).
+    let others: Vec<String> = std::fs::read_to_string("/proc/self/net/dev")
+        .context("listing network interfaces")?
+        .lines()
+        .skip(2)
+        .filter_map(|line| line.split(':').next())
+        .map(|name| name.trim().to_string())
+        .filter(|name| name != "lo")
+        .collect();
+    if !others.is_empty() {
+        bail!(
+            "network interfaces other than lo exist ({}); run through benches/run.sh, which \
+             runs this in a private network namespace",
+            others.join(", ")
+        );
+    }
+    Ok(())
+}
+
+const PEERS: [Kind; 5] = [
+    Kind::Direct,
+    Kind::Squid,
+    Kind::Tinyproxy,
+    Kind::Portcullis,
+    Kind::PortcullisNoLog,
+];
+
+const BULK: [(Direction, usize); 4] = [
+    (Direction::Up, 1),
+    (Direction::Down, 1),
+    (Direction::Up, 8),
+    (Direction::Down, 8),
+];
+
+pub fn bulk_key(direction: Direction, tunnels: usize) -> String {
+    let dir = match direction {
+        Direction::Up => "up",
+        Direction::Down => "down",
+    };
+    format!("{dir}{tunnels}")
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    ensure_loopback_only()?;
+    std::fs::create_dir_all(&args.work)?;
+    let ticks = procfs::clock_ticks();
+    let window = Duration::from_secs_f64(args.duration);
+    let warmup = Duration::from_secs_f64(args.warmup);
+    let _origin = Helper::origin(&args.work)?;
+    let dns = Helper::dns(&args.work)?;
+    let mut peers = Vec::new();
+    for kind in PEERS {
+        let mut peer = Peer::new(kind, &args.work, &args.portcullis)?;
+        peer.start().await?;
+        peers.push(peer);
+    }
+    let mut store = Store::default();
+    let started = std::time::Instant::now();
+    for rep in 0..args.runs {
+        // Interleaved: every figure is taken for all peers back to back, in an order that
+        // rotates between runs, so drifting background load hits every peer alike.
+        let order: Vec<usize> = (0..peers.len()).map(|i| (i + rep) % peers.len()).collect();
+        let tag = format!("run {}/{}", rep + 1, args.runs);
+        for &c in &args.concurrency {
+            for &i in &order {
+                let peer = &peers[i];
+                let meter = Meter {
+                    proxy: peer.pid(),
+                    dns: dns.pid(),
+                    ticks,
+                };
+                let r = load::setup(&peer.target(origin::ECHO), c, warmup, window, meter).await;
+                eprintln!(
+                    "[{tag}] set-up c={c:<3} {:<16} {:>8.0}/s  p50 {:>7.0} µs  p99 {:>7.0} µs  \
+                     cpu {:>6.1} µs/tunnel  dns {:>5.1} µs  errors {}{}",
+                    peer.kind.name(),
+                    r.rate,
+                    r.p50_us,
+                    r.p99_us,
+                    r.cpu_us,
+                    r.dns_us,
+                    r.errors,
+                    r.first_error
+                        .as_deref()
+                        .map(|e| format!(" (first: {e})"))
+                        .unwrap_or_default()
+                );
+                let name = peer.kind.name();
+                store.add(&format!("rate/c{c}"), name, r.rate);
+                store.add(&format!("p50/c{c}"), name, r.p50_us);
+                store.add(&format!("p99/c{c}"), name, r.p99_us);
+                store.add(&format!("cpu_tunnel/c{c}"), name, r.cpu_us);
+                store.add(&format!("dns_tunnel/c{c}"), name, r.dns_us);
+                store.add(&format!("errors/c{c}"), name, r.errors as f64);
+                if let Some(e) = r.first_error {
+                    store.note_error(name, format!("set-up c={c}: {e}"));
+                }
+            }
+        }
+        for (direction, tunnels) in BULK {
+            for &i in &order {
+                let peer = &peers[i];
+                if !peer.kind.in_full_suite() {
+                    continue;
+                }
+                let meter = Meter {
+                    proxy: peer.pid(),
+                    dns: dns.pid(),
+                    ticks,
+                };
+                let host = match direction {
+                    Direction::Up => origin::SINK,
+                    Direction::Down => origin::SOURCE,
+                };
+                let key = bulk_key(direction, tunnels);
+                let name = peer.kind.name();
+                match load::bulk(
+                    &peer.target(host),
+                    direction,
+                    tunnels,
+                    warmup,
+                    window,
+                    meter,
+                )
+                .await
+                {
+                    Ok(b) => {
+                        eprintln!(
+                            "[{tag}] bulk {key:<6} {name:<16} {:>7.2} Gbit/s  cpu {:.3} s/GiB",
+                            b.gbit, b.cpu_per_gib
+                        );
+                        store.add(&format!("tput/{key}"), name, b.gbit);
+                        store.add(&format!("cpu_gib/{key}"), name, b.cpu_per_gib);
+                    }
+                    Err(e) => {
+                        eprintln!("[{tag}] bulk {key:<6} {name:<16} failed: {e}");
+                        store.note_error(name, format!("bulk {key}: {e}"));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        // Before the idle phase restarts the proxies: evidence that logs and metrics were on.
+        for peer in &peers {
+            if let Some(admin) = peer.admin() {
+                store.add_metrics(peer.kind.name(), scrape_requests(admin).await);
+            }
+            store.count_log_lines(peer.kind.name(), peer.log_lines());
+            peer.truncate_logs();
+        }
+        for &i in &order {
+            let peer = &mut peers[i];
+            if !peer.kind.in_full_suite() || peer.kind == Kind::Direct {
+                continue;
+            }
+            let name = peer.kind.name();
+            peer.restart().await?;
+            let pid = peer.pid().expect("a started proxy has a pid");
+            match load::idle(&peer.target(origin::ECHO), pid, args.idle).await {
+                Ok(idle) => {
+                    eprintln!(
+                        "[{tag}] idle {name:<16} {} tunnels  RSS {} → {} KiB  {:.2} KiB/tunnel  \
+                         {:.1} fds/tunnel{}",
+                        idle.tunnels,
+                        idle.rss_before_kib,
+                        idle.rss_after_kib,
+                        idle.kib_per_tunnel,
+                        idle.fds_per_tunnel,
+                        idle.limited_by
+                            .as_deref()
+                            .map(|l| format!(" (limited by {l})"))
+                            .unwrap_or_default()
+                    );
+                    store.add("idle/tunnels", name, idle.tunnels as f64);
+                    store.add("idle/kib", name, idle.kib_per_tunnel);
+                    store.add("idle/fds", name, idle.fds_per_tunnel);
+                    store.add("idle/rss_before", name, idle.rss_before_kib as f64 / 1024.0);
+                    store.add("idle/rss_after", name, idle.rss_after_kib as f64 / 1024.0);
+                    if let Some(l) = idle.limited_by {
+                        store.note_limit(name, idle.tunnels, l);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("[{tag}] idle {name:<16} failed: {e}");
+                    store.note_error(name, format!("idle tunnels: {e}"));
+                }
+            }
+            // The idle tunnels are closed now; give the proxy a moment before the next one.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        for peer in &peers {
+            peer.truncate_logs();
+        }
+        eprintln!(
+            "[{tag}] done after {:.0} s",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let context = report::Context {
+        args: &args,
+        machine: procfs::machine(),
+        versions: vec![
+            ("portcullis", args.portcullis_version.clone()),
+            ("Squid", procfs::first_line("squid", &["-v"])),
+            ("tinyproxy", procfs::first_line("tinyproxy", &["-v"])),
+            (
+                "dnsmasq",
+                procfs::first_line("dnsmasq", &["-v"])
+                    .split("  ")
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+            ),
+        ],
+        date: procfs::first_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        elapsed: started.elapsed(),
+    };
+    let text = report::render(&store, &context, &PEERS);
+    std::fs::write(&args.out, text).with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
+
+/// The sum of `portcullis_requests_total{outcome="allowed"}`: metrics were on and counting.
+async fn scrape_requests(admin: SocketAddr) -> Option<f64> {
+    let mut stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+        .await
+        .ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    let total = body
+        .lines()
+        .filter(|l| {
+            l.starts_with("portcullis_requests_total{") && l.contains("outcome=\"allowed\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some(total)
+}

@@ -1,0 +1,164 @@
+//! What the kernel says about a process (and its descendants): CPU time, RSS, open files.
+//!
+//! CPU comes from `/proc/<pid>/stat` (utime + stime, plus cutime + cstime of reaped children),
+//! so the figure is the proxy's own, whatever the load generator on the same cores does.
+
+use std::fs;
+use std::process::Command;
+
+/// Clock ticks per second for the `stat` times (`getconf CLK_TCK`; 100 on every Linux we know).
+pub fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|&t| t > 0.0)
+        .unwrap_or(100.0)
+}
+
+/// The fields of `/proc/<pid>/stat` after the command name (field 3 onwards).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = text.rsplit_once(')')?.1;
+    Some(after.split_whitespace().map(str::to_string).collect())
+}
+
+/// `pid` and every live descendant.
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if let Some(ppid) = stat_fields(child)
+                .and_then(|f| f.get(1).cloned())
+                .and_then(|s| s.parse::<u32>().ok())
+            {
+                parents.push((child, ppid));
+            }
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        for &(child, ppid) in &parents {
+            if ppid == parent && !found.contains(&child) {
+                found.push(child);
+            }
+        }
+        i += 1;
+    }
+    found
+}
+
+/// CPU seconds (user + system, with reaped children) used so far by `pid` and its descendants.
+pub fn cpu_seconds(pid: u32, ticks: f64) -> f64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(stat_fields)
+        .map(|f| {
+            // utime, stime, cutime, cstime are fields 14-17, i.e. 11-14 after the name.
+            (11..=14)
+                .filter_map(|i| f.get(i).and_then(|s| s.parse::<f64>().ok()))
+                .sum::<f64>()
+        })
+        .sum::<f64>()
+        / ticks
+}
+
+/// Resident set size in KiB (`VmRSS`), summed over `pid` and its descendants.
+pub fn rss_kib(pid: u32) -> u64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(|p| fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// Open file descriptors of `pid` and its descendants.
+pub fn fd_count(pid: u32) -> usize {
+    tree(pid)
+        .into_iter()
+        .filter_map(|p| fs::read_dir(format!("/proc/{p}/fd")).ok())
+        .map(|dir| dir.count())
+        .sum()
+}
+
+/// The soft `RLIMIT_NOFILE` of a process (`"self"` for this one).
+pub fn nofile_limit(pid: &str) -> Option<u64> {
+    let limits = fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// The first line of a command's output (version strings for the report).
+pub fn first_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|out| {
+            let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.push_str(&String::from_utf8_lossy(&out.stderr));
+            text.lines().next().unwrap_or("").trim().to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// The machine, as the report names it.
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory: String,
+    pub kernel: String,
+    pub os: String,
+}
+
+pub fn machine() -> Machine {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|v| v.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .map_or_else(
+            || "unknown".into(),
+            |kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0),
+        );
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let os = fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+        .map(|v| v.trim_matches('"').to_string())
+        .unwrap_or_default();
+    Machine {
+        cpu,
+        cores,
+        memory,
+        kernel,
+        os,
+    }
+}

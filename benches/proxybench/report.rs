@@ -1,0 +1,685 @@
+//! `benches/RESULTS.md`: every peer in columns, medians of the runs, ratios, targets, method.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::peers::Kind;
+use crate::procfs::Machine;
+use crate::{BULK, RunArgs, bulk_key};
+
+/// Every measured value, per figure and peer, one per run.
+#[derive(Default)]
+pub struct Store {
+    values: BTreeMap<String, BTreeMap<&'static str, Vec<f64>>>,
+    errors: BTreeMap<&'static str, Vec<String>>,
+    limits: BTreeMap<&'static str, (usize, String)>,
+    log_lines: BTreeMap<&'static str, usize>,
+    /// `portcullis_requests_total{outcome="allowed"}` per portcullis peer, summed over the
+    /// scrapes taken before each run's idle phase restarts the process.
+    metrics: BTreeMap<&'static str, Option<f64>>,
+}
+
+impl Store {
+    pub fn add(&mut self, key: &str, peer: &'static str, value: f64) {
+        self.values
+            .entry(key.to_string())
+            .or_default()
+            .entry(peer)
+            .or_default()
+            .push(value);
+    }
+
+    pub fn note_error(&mut self, peer: &'static str, error: String) {
+        let list = self.errors.entry(peer).or_default();
+        if list.len() < 5 && !list.contains(&error) {
+            list.push(error);
+        }
+    }
+
+    pub fn note_limit(&mut self, peer: &'static str, tunnels: usize, why: String) {
+        self.limits.insert(peer, (tunnels, why));
+    }
+
+    pub fn add_metrics(&mut self, peer: &'static str, allowed: Option<f64>) {
+        let entry = self.metrics.entry(peer).or_insert(Some(0.0));
+        *entry = match (*entry, allowed) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+    }
+
+    pub fn count_log_lines(&mut self, peer: &'static str, lines: usize) {
+        *self.log_lines.entry(peer).or_default() += lines;
+    }
+
+    fn runs(&self, key: &str, peer: &str) -> &[f64] {
+        self.values
+            .get(key)
+            .and_then(|m| m.get(peer))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// The median over runs (NaN when nothing was measured).
+    pub fn median(&self, key: &str, peer: &str) -> f64 {
+        let mut v: Vec<f64> = self
+            .runs(key, peer)
+            .iter()
+            .copied()
+            .filter(|x| x.is_finite())
+            .collect();
+        if v.is_empty() {
+            return f64::NAN;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    }
+
+    fn sum(&self, key: &str, peer: &str) -> f64 {
+        let v = self.runs(key, peer);
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum()
+        }
+    }
+}
+
+pub struct Context<'a> {
+    pub args: &'a RunArgs,
+    pub machine: Machine,
+    pub versions: Vec<(&'static str, String)>,
+    pub date: String,
+    pub elapsed: Duration,
+}
+
+struct Row {
+    label: String,
+    key: String,
+    decimals: usize,
+    sum: bool,
+}
+
+fn row(label: impl Into<String>, key: impl Into<String>, decimals: usize) -> Row {
+    Row {
+        label: label.into(),
+        key: key.into(),
+        decimals,
+        sum: false,
+    }
+}
+
+fn fmt(value: f64, decimals: usize) -> String {
+    if value.is_finite() {
+        format!("{value:.decimals$}")
+    } else {
+        "—".into()
+    }
+}
+
+fn ratio(a: f64, b: f64) -> String {
+    if a.is_finite() && b.is_finite() && b != 0.0 {
+        format!("{:.2}×", a / b)
+    } else {
+        "—".into()
+    }
+}
+
+const SUBJECT: &str = "portcullis";
+const RATIO_TO: [Kind; 3] = [Kind::Squid, Kind::Tinyproxy, Kind::Direct];
+
+fn table(out: &mut String, store: &Store, peers: &[Kind], rows: &[Row]) {
+    let ratio_to: Vec<Kind> = RATIO_TO.into_iter().filter(|k| peers.contains(k)).collect();
+    out.push_str("| figure |");
+    for peer in peers {
+        let _ = write!(out, " {} |", peer.title());
+    }
+    for other in &ratio_to {
+        let _ = write!(out, " portcullis ÷ {} |", other.title());
+    }
+    out.push_str("\n|---|");
+    for _ in 0..peers.len() + ratio_to.len() {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    for r in rows {
+        let value = |peer: &str| {
+            if r.sum {
+                store.sum(&r.key, peer)
+            } else {
+                store.median(&r.key, peer)
+            }
+        };
+        let _ = write!(out, "| {} |", r.label);
+        for peer in peers {
+            let _ = write!(out, " {} |", fmt(value(peer.name()), r.decimals));
+        }
+        for other in &ratio_to {
+            let _ = write!(out, " {} |", ratio(value(SUBJECT), value(other.name())));
+        }
+        out.push('\n');
+    }
+    out.push('\n');
+}
+
+fn raw_table(out: &mut String, store: &Store, peers: &[Kind], rows: &[Row]) {
+    out.push_str("| figure |");
+    for peer in peers {
+        let _ = write!(out, " {} |", peer.title());
+    }
+    out.push_str("\n|---|");
+    for _ in peers {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    for r in rows {
+        let _ = write!(out, "| {} |", r.label);
+        for peer in peers {
+            let values: Vec<String> = store
+                .runs(&r.key, peer.name())
+                .iter()
+                .map(|v| fmt(*v, r.decimals))
+                .collect();
+            let cell = if values.is_empty() {
+                "—".to_string()
+            } else {
+                values.join(" / ")
+            };
+            let _ = write!(out, " {cell} |");
+        }
+        out.push('\n');
+    }
+    out.push('\n');
+}
+
+/// Criterion's medians (ns) for the `matching` benches, by full id.
+fn criterion_results(dir: &Path, since: u64) -> Vec<(String, f64)> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let since = UNIX_EPOCH + Duration::from_secs(since);
+    while let Some(path) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&path) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                if p.file_name().is_some_and(|n| n == "new") {
+                    if let Some(result) = read_criterion(&p, since) {
+                        found.push(result);
+                    }
+                } else {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
+    found
+}
+
+fn read_criterion(dir: &Path, since: SystemTime) -> Option<(String, f64)> {
+    let estimates = dir.join("estimates.json");
+    let modified = std::fs::metadata(&estimates).ok()?.modified().ok()?;
+    if modified < since {
+        return None;
+    }
+    let benchmark = std::fs::read_to_string(dir.join("benchmark.json")).ok()?;
+    let id = json_string_after(&benchmark, "\"full_id\":")?;
+    let groups = [
+        "default_profile/",
+        "rules_10000/",
+        "rules_10000_compile/",
+        "destination/",
+    ];
+    if !groups.iter().any(|g| id.starts_with(g)) {
+        return None;
+    }
+    let estimates = std::fs::read_to_string(estimates).ok()?;
+    let median = &estimates[estimates.find("\"median\":")?..];
+    let value = json_number_after(median, "\"point_estimate\":")?;
+    Some((id, value))
+}
+
+fn json_string_after(text: &str, key: &str) -> Option<String> {
+    let rest = text[text.find(key)? + key.len()..].trim_start();
+    let rest = rest.strip_prefix('"')?;
+    Some(rest[..rest.find('"')?].to_string())
+}
+
+fn json_number_after(text: &str, key: &str) -> Option<f64> {
+    let rest = text[text.find(key)? + key.len()..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E')))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+fn human_ns(ns: f64) -> String {
+    if ns >= 1e6 {
+        format!("{:.2} ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.2} µs", ns / 1e3)
+    } else {
+        format!("{ns:.1} ns")
+    }
+}
+
+struct Target {
+    what: String,
+    value: String,
+    met: Option<bool>,
+}
+
+fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "**missed**",
+        None => "not measured",
+    }
+}
+
+fn check(value: f64, ok: impl Fn(f64) -> bool) -> Option<bool> {
+    value.is_finite().then(|| ok(value))
+}
+
+pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
+    let args = ctx.args;
+    let m = |key: &str, peer: Kind| store.median(key, peer.name());
+    let mut out = String::new();
+    out.push_str("# portcullis benchmark results\n\n");
+    if args.quick {
+        out.push_str(
+            "> **Quick smoke test** (`--quick`): one short run per figure. These numbers show \
+             that the benchmark works end to end; they are not for quoting. Run `benches/run.sh` \
+             for the real figures.\n\n",
+        );
+    }
+    let mc = &ctx.machine;
+    let _ = writeln!(
+        out,
+        "- **Date:** {}\n- **Machine:** {}, {} cores, {} RAM; {}; Linux {}",
+        ctx.date, mc.cpu, mc.cores, mc.memory, mc.os, mc.kernel
+    );
+    let versions: Vec<String> = ctx
+        .versions
+        .iter()
+        .map(|(name, v)| format!("{name} `{}`", if v.is_empty() { "?" } else { v }))
+        .collect();
+    let _ = writeln!(out, "- **Software:** {}", versions.join(", "));
+    let _ = writeln!(
+        out,
+        "- **Command:** `{}`: {} run(s), each figure counted over {:.1} s after {:.1} s of \
+         warm-up; set-up concurrency {}; {} idle tunnels asked for; all peers interleaved. \
+         Wall time {:.0} s.",
+        args.command,
+        args.runs,
+        args.duration,
+        args.warmup,
+        args.concurrency
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+        args.idle,
+        ctx.elapsed.as_secs_f64()
+    );
+    out.push_str(
+        "- **Reading it:** every cell is the median over the runs (raw values at the end). \
+         Ratios are portcullis ÷ that peer (above 1 is better for rates and throughput, below 1 \
+         is better for latency, CPU and memory). On a 2-core shared machine differences under \
+         about 10% are noise.\n\n",
+    );
+
+    let cs = &args.concurrency;
+    out.push_str(
+        "## Tunnel set-up\n\nOne cycle: TCP connect to the proxy, `CONNECT \
+         echo.bench.amazonappstream.com:443`, the 200, a TLS ClientHello naming that host \
+         (93 bytes) echoed back by the origin, close. `c` clients run cycles back to back. For \
+         direct, the cycle is connect, the same bytes echoed, close.\n\n",
+    );
+    let mut rows: Vec<Row> = cs
+        .iter()
+        .map(|c| {
+            row(
+                format!("set-up rate, c={c} (tunnels/s)"),
+                format!("rate/c{c}"),
+                0,
+            )
+        })
+        .collect();
+    for c in cs {
+        rows.push(row(
+            format!("latency p50, c={c} (µs)"),
+            format!("p50/c{c}"),
+            0,
+        ));
+        rows.push(row(
+            format!("latency p99, c={c} (µs)"),
+            format!("p99/c{c}"),
+            0,
+        ));
+    }
+    for c in cs {
+        rows.push(Row {
+            sum: true,
+            ..row(
+                format!("failed cycles, c={c} (all runs)"),
+                format!("errors/c{c}"),
+                0,
+            )
+        });
+    }
+    table(&mut out, store, peers, &rows);
+    let setup_rows = rows;
+
+    out.push_str(
+        "## Bulk throughput\n\nTunnels to the sink (upload: client → origin) or from the \
+         source (download), 256 KiB writes, bytes counted at the client.\n\n",
+    );
+    let full: Vec<Kind> = peers
+        .iter()
+        .copied()
+        .filter(|k| k.in_full_suite())
+        .collect();
+    let bulk_label = |key: &str| {
+        let (dir, n) = key.split_at(if key.starts_with("up") { 2 } else { 4 });
+        let dir = if dir == "up" { "upload" } else { "download" };
+        let tunnels = if n == "1" { "tunnel" } else { "tunnels" };
+        format!("{n} {tunnels}, {dir}")
+    };
+    let bulk_rows: Vec<Row> = BULK
+        .iter()
+        .map(|&(d, n)| {
+            let key = bulk_key(d, n);
+            row(
+                format!("throughput, {} (Gbit/s)", bulk_label(&key)),
+                format!("tput/{key}"),
+                2,
+            )
+        })
+        .collect();
+    table(&mut out, store, &full, &bulk_rows);
+
+    out.push_str(
+        "## Proxy CPU\n\nCPU time (user + system) of the proxy process and its children, from \
+         `/proc/<pid>/stat` before and after each counted window, divided by the tunnels set up \
+         or the bytes relayed in it. The load generator's and the origin's CPU are not in it. \
+         The DNS server's CPU (dnsmasq, shared by all peers) is shown separately: a proxy that \
+         does not cache answers pays there.\n\n",
+    );
+    let mut cpu_rows: Vec<Row> = cs
+        .iter()
+        .map(|c| {
+            row(
+                format!("proxy CPU per tunnel, c={c} (µs)"),
+                format!("cpu_tunnel/c{c}"),
+                1,
+            )
+        })
+        .collect();
+    cpu_rows.extend(BULK.iter().map(|&(d, n)| {
+        let key = bulk_key(d, n);
+        row(
+            format!("proxy CPU per GiB, {} (s)", bulk_label(&key)),
+            format!("cpu_gib/{key}"),
+            3,
+        )
+    }));
+    cpu_rows.extend(cs.iter().map(|c| {
+        row(
+            format!("DNS server CPU per tunnel, c={c} (µs)"),
+            format!("dns_tunnel/c{c}"),
+            1,
+        )
+    }));
+    table(&mut out, store, peers, &cpu_rows);
+
+    out.push_str(
+        "## Idle tunnels\n\nA fresh proxy process; tunnels opened (CONNECT, 200, ClientHello \
+         echoed) and left idle; RSS (`VmRSS` of the process and its children) and open file \
+         descriptors before and after. Kernel memory (socket buffers, pipes) is not in RSS.\n\n",
+    );
+    let proxies: Vec<Kind> = full
+        .iter()
+        .copied()
+        .filter(|&k| k != Kind::Direct)
+        .collect();
+    let idle_rows = vec![
+        row("idle tunnels held", "idle/tunnels", 0),
+        row("RSS per idle tunnel (KiB)", "idle/kib", 2),
+        row("RSS before (MiB)", "idle/rss_before", 1),
+        row("RSS with the tunnels open (MiB)", "idle/rss_after", 1),
+        row("file descriptors per idle tunnel", "idle/fds", 2),
+    ];
+    table(&mut out, store, &proxies, &idle_rows);
+    for (peer, (tunnels, why)) in &store.limits {
+        let _ = writeln!(
+            out,
+            "- {peer}: {tunnels} tunnels instead of {}, limited by {why}. Raise `ulimit -n` \
+             (the hard limit needs root outside a container) for the full count.",
+            args.idle
+        );
+    }
+    if !store.limits.is_empty() {
+        out.push('\n');
+    }
+
+    // Targets.
+    let p = Kind::Portcullis;
+    let c64 = "rate/c64";
+    let mut targets = vec![
+        Target {
+            what: "proxy CPU per tunnel (c=64) ≤ 45 µs".into(),
+            value: format!("{} µs", fmt(m("cpu_tunnel/c64", p), 1)),
+            met: check(m("cpu_tunnel/c64", p), |v| v <= 45.0),
+        },
+        Target {
+            what: "set-up rate at c=64 ≥ 2× tinyproxy".into(),
+            value: ratio(m(c64, p), m(c64, Kind::Tinyproxy)),
+            met: check(m(c64, p) / m(c64, Kind::Tinyproxy), |v| v >= 2.0),
+        },
+        Target {
+            what: "added latency at c=1 (p50, over direct) ≤ 60 µs".into(),
+            value: format!("{} µs", fmt(m("p50/c1", p) - m("p50/c1", Kind::Direct), 0)),
+            met: check(m("p50/c1", p) - m("p50/c1", Kind::Direct), |v| v <= 60.0),
+        },
+        Target {
+            what: "p99 at c=1 below Squid's and tinyproxy's".into(),
+            value: format!(
+                "{} vs {} / {} µs",
+                fmt(m("p99/c1", p), 0),
+                fmt(m("p99/c1", Kind::Squid), 0),
+                fmt(m("p99/c1", Kind::Tinyproxy), 0)
+            ),
+            met: check(m("p99/c1", p), |v| {
+                v < m("p99/c1", Kind::Squid) && v < m("p99/c1", Kind::Tinyproxy)
+            }),
+        },
+    ];
+    for key in ["up1", "down1"] {
+        let t = format!("tput/{key}");
+        targets.push(Target {
+            what: format!("throughput, {} ≥ 2× Squid", bulk_label(key)),
+            value: ratio(m(&t, p), m(&t, Kind::Squid)),
+            met: check(m(&t, p) / m(&t, Kind::Squid), |v| v >= 2.0),
+        });
+    }
+    for key in ["up1", "down1"] {
+        let c = format!("cpu_gib/{key}");
+        targets.push(Target {
+            what: format!("proxy CPU per GiB, {} ≤ 0.15 s", bulk_label(key)),
+            value: format!("{} s", fmt(m(&c, p), 3)),
+            met: check(m(&c, p), |v| v <= 0.15),
+        });
+    }
+    let idle_n = m("idle/tunnels", p);
+    targets.push(Target {
+        what: "RSS per idle tunnel ≤ 6 KiB (at 10,000 idle tunnels)".into(),
+        value: format!(
+            "{} KiB at {} tunnels",
+            fmt(m("idle/kib", p), 2),
+            fmt(idle_n, 0)
+        ),
+        met: check(m("idle/kib", p), |v| v <= 6.0),
+    });
+    let micro = args
+        .criterion
+        .as_deref()
+        .map(|d| criterion_results(d, args.criterion_since))
+        .unwrap_or_default();
+    let worst = |prefix: &str| {
+        micro
+            .iter()
+            .filter(|(id, _)| id.starts_with(prefix))
+            .map(|(_, ns)| *ns)
+            .fold(f64::NAN, f64::max)
+    };
+    let default_worst = worst("default_profile/parse_and_check/");
+    let many_worst = worst("rules_10000/parse_and_check/");
+    targets.push(Target {
+        what: "host validation + matching, default profile ≤ 200 ns (slowest host)".into(),
+        value: fmt(default_worst, 1) + " ns",
+        met: check(default_worst, |v| v <= 200.0),
+    });
+    targets.push(Target {
+        what: "host validation + matching, 10,000 rules ≤ 1 µs (slowest host)".into(),
+        value: fmt(many_worst, 1) + " ns",
+        met: check(many_worst, |v| v <= 1000.0),
+    });
+    let mut log_ok = None;
+    for c in cs {
+        let key = format!("rate/c{c}");
+        let on_off = m(&key, Kind::Portcullis) / m(&key, Kind::PortcullisNoLog);
+        if on_off.is_finite() {
+            log_ok = Some(log_ok.unwrap_or(true) && on_off >= 0.95);
+        }
+    }
+    targets.push(Target {
+        what: "logging on costs ≤ 5% of set-up rate (every c)".into(),
+        value: "see below".into(),
+        met: log_ok,
+    });
+    out.push_str("## Targets (portcullis, same run, metrics and access log on)\n\n");
+    out.push_str("| target | measured | verdict |\n|---|---:|---|\n");
+    for t in &targets {
+        let _ = writeln!(out, "| {} | {} | {} |", t.what, t.value, verdict(t.met));
+    }
+    out.push('\n');
+
+    out.push_str(
+        "## Cost of logging and metrics on the data path\n\n`portcullis` runs with its \
+         default logging (`info`: one JSON access-log line per decision and per closed tunnel, \
+         written to a file) and metrics; `portcullis, log off` is the same binary and config with \
+         `PORTCULLIS_LOG=off`.\n\n",
+    );
+    out.push_str(
+        "| c | set-up rate, log on | log off | on ÷ off | CPU per tunnel, log on (µs) | log off (µs) |\n\
+         |---:|---:|---:|---:|---:|---:|\n",
+    );
+    for c in cs {
+        let rate = format!("rate/c{c}");
+        let cpu = format!("cpu_tunnel/c{c}");
+        let _ = writeln!(
+            out,
+            "| {c} | {} | {} | {} | {} | {} |",
+            fmt(m(&rate, Kind::Portcullis), 0),
+            fmt(m(&rate, Kind::PortcullisNoLog), 0),
+            ratio(m(&rate, Kind::Portcullis), m(&rate, Kind::PortcullisNoLog)),
+            fmt(m(&cpu, Kind::Portcullis), 1),
+            fmt(m(&cpu, Kind::PortcullisNoLog), 1),
+        );
+    }
+    out.push_str(
+        "\nMetrics cannot be turned off: there is no switch, and the counters are updated inline \
+         on the request path (`requests_total`, `tunnels_active`, the connect histogram) and \
+         per read on the data path (`tunnel_bytes_total`). Measuring \"metrics off\" would need \
+         a build or config switch that replaces the per-domain handles with no-ops (a \
+         `[metrics] enabled = false` key, or a cargo feature); both columns above include \
+         metrics.\n\n",
+    );
+    let mut evidence = Vec::new();
+    for (peer, lines) in &store.log_lines {
+        if *peer != Kind::Direct.name() {
+            evidence.push(format!("{peer}: {lines} access-log lines"));
+        }
+    }
+    for (peer, total) in &store.metrics {
+        evidence.push(format!(
+            "{peer}: `portcullis_requests_total{{outcome=\"allowed\"}}` = {}",
+            total.map_or_else(|| "unreadable".into(), |v| format!("{v:.0}"))
+        ));
+    }
+    let _ = writeln!(
+        out,
+        "Evidence that logging and metrics were on (counted over the set-up and bulk phases, \
+         before the idle-tunnel restarts): {}.\n",
+        evidence.join("; ")
+    );
+
+    out.push_str("## Micro-benchmarks (criterion, `cargo bench --bench matching`)\n\n");
+    if micro.is_empty() {
+        out.push_str("Not run (or no results newer than this run).\n\n");
+    } else {
+        out.push_str("| benchmark | median |\n|---|---:|\n");
+        for (id, ns) in &micro {
+            let _ = writeln!(out, "| `{id}` | {} |", human_ns(*ns));
+        }
+        out.push_str(
+            "\n`parse_and_check` is `rules::parse_host` then `RuleSet::check`, as the CONNECT \
+             handler runs them; the 10,000 rules are a third leading wildcards, a third exact \
+             names, a third inner wildcards, built through `Config::parse`. `destination/*` is \
+             `destination::Policy::check`.\n\n",
+        );
+    }
+
+    if !store.errors.is_empty() {
+        out.push_str("## Failures seen\n\n");
+        for (peer, errors) in &store.errors {
+            for e in errors {
+                let _ = writeln!(out, "- {peer}: {e}");
+            }
+        }
+        out.push('\n');
+    }
+
+    out.push_str(
+        "## Method\n\n\
+         - Everything runs inside one private network, mount and PID namespace \
+         (`unshare --net --mount --pid`) that has only loopback: no packet can leave the machine.\n\
+         - Names resolve through dnsmasq on 127.0.0.53, never the machine's resolver: \
+         `echo.`, `sink.` and `source.bench.amazonappstream.com` → 127.0.0.1, .2 and .3, TTL 300. \
+         Squid uses `dns_nameservers 127.0.0.53`; tinyproxy uses the C library resolver, whose \
+         `/etc/resolv.conf` is a bind mount naming 127.0.0.53 inside the namespace; portcullis \
+         uses `[dns] servers`.\n\
+         - Every proxy has the same allowlist: CONNECT to `*.amazonappstream.com`, port 443 only \
+         (Squid: `dstdomain .amazonappstream.com` and a port ACL; tinyproxy: `ConnectPort 443`, \
+         `FilterDefaultDeny Yes` and the anchored ERE `\\.amazonappstream\\.com$`, since its \
+         `Filter` is an unanchored regex; portcullis: one `[[rule]]`, plus \
+         `[destinations] allow = [\"127.0.0.0/8\"]` because the origins are on loopback). The \
+         origins listen on port 443 of 127.0.0.1-3.\n\
+         - Every proxy logs each request: Squid's `access_log`, tinyproxy's `LogLevel Connect`, \
+         portcullis' JSON access log. Logs are truncated between runs.\n\
+         - The load generator (a tokio client, 2 worker threads) and the origin (its own process) \
+         share the machine's cores with the proxy under test; the idle peers sit idle. CPU \
+         figures are the proxy's own, from `/proc`.\n\
+         - The set-up payload is a real TLS ClientHello with SNI rather than 64 arbitrary bytes, \
+         because portcullis checks SNI inside tunnels by default; Squid and tinyproxy relay it \
+         as they would any bytes.\n\
+         - Idle-tunnel memory is measured on a freshly started process each run.\n",
+    );
+
+    out.push_str("\n## Raw values (one per run, in run order)\n\n");
+    let mut all_rows = setup_rows;
+    all_rows.extend(bulk_rows);
+    all_rows.extend(cpu_rows);
+    all_rows.extend(idle_rows);
+    raw_table(&mut out, store, peers, &all_rows);
+    out
+}
