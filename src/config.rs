@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::auth::UsersFile;
+use crate::ip_ranges::IpRanges;
 use crate::rules::{self, Host, Rule, RuleSet};
 use crate::sni::SniMode;
 
@@ -37,6 +39,8 @@ pub struct Config {
     pub max_tunnels_per_client: usize,
     /// `[auth] users_file`, loaded: when present, every request must authenticate.
     pub auth: Option<UsersFile>,
+    /// `[aws_ip_ranges] file`, loaded: the prefixes `require_ip_ranges` rules check against.
+    pub aws_ip_ranges: Option<Arc<IpRanges>>,
     /// `[destinations] allow`: networks reachable despite the special-purpose deny list.
     pub destinations_allow: Vec<IpNet>,
     /// `[metrics] max_domains`: distinct `domain` label values before `_other`.
@@ -223,6 +227,8 @@ struct RawConfig {
     #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
+    aws_ip_ranges: RawIpRanges,
+    #[serde(default)]
     destinations: RawNets,
     #[serde(default)]
     metrics: RawMetrics,
@@ -275,6 +281,12 @@ struct RawClients {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawIpRanges {
+    file: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawAuth {
     users_file: Option<Spanned<String>>,
 }
@@ -294,6 +306,8 @@ struct RawRule {
     #[serde(default)]
     private_endpoint: bool,
     sni: Option<Spanned<String>>,
+    #[serde(default)]
+    require_ip_ranges: Vec<Spanned<String>>,
 }
 
 impl RawConfig {
@@ -309,13 +323,17 @@ impl RawConfig {
             .map_or(Some(0), |v| {
                 p.check(v, |&n| non_negative(n, "max_tunnels_per_client"))
             });
+        let base = Path::new(source).parent().unwrap_or(Path::new(""));
         let auth = match &self.auth.users_file {
             None => Some(None),
             Some(file) => p
-                .check(file, |name| {
-                    let base = Path::new(source).parent().unwrap_or(Path::new(""));
-                    UsersFile::load(&base.join(name))
-                })
+                .check(file, |name| UsersFile::load(&base.join(name)))
+                .map(Some),
+        };
+        let aws_ip_ranges = match &self.aws_ip_ranges.file {
+            None => Some(None),
+            Some(file) => p
+                .check(file, |name| IpRanges::load(&base.join(name)).map(Arc::new))
                 .map(Some),
         };
         let destinations_allow = nets(self.destinations.allow, &[], p);
@@ -324,7 +342,11 @@ impl RawConfig {
             .max_domains
             .as_ref()
             .map_or(Some(1000), |v| p.check(v, |&n| positive(n, "max_domains")));
-        let rules = validate_rules(self.rules, p);
+        let rules = validate_rules(
+            self.rules,
+            aws_ip_ranges.as_ref().and_then(Option::as_deref),
+            p,
+        );
         Some(Config {
             source: source.to_string(),
             proxy: proxy?,
@@ -333,6 +355,7 @@ impl RawConfig {
             clients_allow,
             max_tunnels_per_client: max_tunnels_per_client?,
             auth: auth?,
+            aws_ip_ranges: aws_ip_ranges?,
             destinations_allow,
             max_domains: max_domains?,
             rules: rules?,
@@ -433,7 +456,11 @@ impl RawDns {
     }
 }
 
-fn validate_rules(raw: Vec<RawRule>, p: &mut Problems<'_>) -> Option<RuleSet> {
+fn validate_rules(
+    raw: Vec<RawRule>,
+    ip_ranges: Option<&IpRanges>,
+    p: &mut Problems<'_>,
+) -> Option<RuleSet> {
     if raw.is_empty() {
         p.add_global("no [[rule]]: the proxy would refuse everything");
     }
@@ -478,12 +505,30 @@ fn validate_rules(raw: Vec<RawRule>, p: &mut Problems<'_>) -> Option<RuleSet> {
                     .ok_or_else(|| format!("sni {s:?} must be \"enforce\", \"log\" or \"off\""))
             })
         });
+        for service in &rule.require_ip_ranges {
+            match ip_ranges {
+                None => p.add(service, "require_ip_ranges needs [aws_ip_ranges] file"),
+                Some(ranges) if !ranges.has_service(service.get_ref()) => p.add(
+                    service,
+                    format!(
+                        "service {:?} is not in the ip-ranges file",
+                        service.get_ref()
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
         rules.push(Rule {
             name,
             domains,
             ports,
             private_endpoint: rule.private_endpoint,
             sni: sni.unwrap_or_default(),
+            require_ip_ranges: rule
+                .require_ip_ranges
+                .iter()
+                .map(|s| s.get_ref().clone())
+                .collect(),
         });
     }
     if !p.list.is_empty() {

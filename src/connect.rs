@@ -26,7 +26,7 @@ use crate::dns::{CachePath, DnsFailure};
 use crate::error::Reason;
 use crate::metrics::{DomainMetrics, INVALID, Metrics};
 use crate::prefixed::Prefixed;
-use crate::rules::{self, Host, Verdict};
+use crate::rules::{self, Host, Rule, Verdict};
 use crate::sni::{self, Hello, SniMode};
 use crate::state::{ClientSlot, Runtime, Shared};
 use crate::tunnel::{self, Counters};
@@ -181,15 +181,7 @@ async fn admit(
     entry.dns = Some(path);
     let started = Instant::now();
     let timeout = runtime.config.proxy.connect_timeout;
-    let dial = dial(
-        runtime,
-        shared,
-        &host,
-        port,
-        rule.private_endpoint,
-        entry,
-        started + timeout,
-    );
+    let dial = dial(runtime, shared, &host, port, rule, entry, started + timeout);
     let upstream = tokio::time::timeout(timeout, dial)
         .await
         .unwrap_or(Err(Reason::UpstreamTimeout))?;
@@ -248,7 +240,7 @@ async fn dial(
     shared: &Shared,
     host: &str,
     port: u16,
-    private_endpoint: bool,
+    rule: &Rule,
     entry: &mut Entry,
     deadline: Instant,
 ) -> Result<TcpStream, Reason> {
@@ -270,7 +262,8 @@ async fn dial(
     let permitted: Vec<IpAddr> = interleave_families(addrs)
         .into_iter()
         .filter(|&addr| {
-            let ok = runtime.policy.check(addr, private_endpoint).is_ok();
+            let ok = runtime.policy.check(addr, rule.private_endpoint).is_ok()
+                && published(runtime, rule, addr);
             if !ok {
                 entry.resolved.get_or_insert(SocketAddr::new(addr, port));
                 tracing::debug!(host, %addr, "resolved address refused by destination policy");
@@ -283,6 +276,19 @@ async fn dial(
     }
     entry.resolved = None;
     connect_any(&permitted, port, deadline, entry).await
+}
+
+/// For rules with `require_ip_ranges`: is the address inside one of AWS's published prefixes
+/// for those services? Validation guarantees the file is loaded when a rule asks for it.
+fn published(runtime: &Runtime, rule: &Rule, addr: IpAddr) -> bool {
+    if rule.require_ip_ranges.is_empty() {
+        return true;
+    }
+    runtime
+        .config
+        .aws_ip_ranges
+        .as_ref()
+        .is_some_and(|ranges| ranges.contains(&rule.require_ip_ranges, addr))
 }
 
 /// Tries each address in turn; each attempt gets a fair share of the time left, so one

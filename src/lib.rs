@@ -6,6 +6,7 @@
 //! - [`rules`]: host validation, wildcard matching, ports (pure functions).
 //! - [`dns`]: hickory resolvers, cached for ordinary rules, uncached for private endpoints.
 //! - [`destination`]: which resolved addresses may be connected to.
+//! - [`ip_ranges`]: AWS's published prefixes, a second check for chosen rules.
 //! - [`server`]: the accept loop, connection limit, client ACL, request head.
 //! - [`connect`]: one CONNECT request, from authority to 200.
 //! - [`tunnel`]: relaying bytes both ways.
@@ -31,6 +32,7 @@ pub mod connect;
 pub mod destination;
 pub mod dns;
 pub mod error;
+pub mod ip_ranges;
 pub mod metrics;
 pub mod prefixed;
 pub mod reload;

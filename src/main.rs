@@ -80,6 +80,9 @@ fn check(config: Result<Config, portcullis::config::ConfigError>) -> ExitCode {
                 config.source,
                 config.rules.rules().len()
             );
+            if let Some(ranges) = &config.aws_ip_ranges {
+                println!("aws_ip_ranges: {}", ranges.summary());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

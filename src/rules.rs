@@ -107,6 +107,9 @@ pub struct Rule {
     pub private_endpoint: bool,
     /// Whether the TLS ClientHello inside the tunnel must name the CONNECT host.
     pub sni: SniMode,
+    /// AWS services (`ip-ranges.json` `service` values) whose published prefixes the
+    /// connected address must lie in; empty: no such check.
+    pub require_ip_ranges: Vec<String>,
 }
 
 impl Rule {
@@ -244,6 +247,7 @@ mod tests {
             ports: ports.iter().map(|p| parse_port_range(p).unwrap()).collect(),
             private_endpoint,
             sni: SniMode::Enforce,
+            require_ip_ranges: Vec::new(),
         }
     }
 

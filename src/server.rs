@@ -211,8 +211,10 @@ async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), Hea
     }
 }
 
-/// `Ok(true)`: a complete head that hyper will accept; `Ok(false)`: need more bytes.
-fn check_head(buf: &[u8]) -> Result<bool, ()> {
+/// `Ok(true)`: a complete head that hyper will accept; `Ok(false)`: need more bytes;
+/// `Err(())`: malformed, answered 400. Public for fuzzing.
+#[allow(clippy::result_unit_err)]
+pub fn check_head(buf: &[u8]) -> Result<bool, ()> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {

@@ -104,6 +104,15 @@ enum Parse {
     NeedMore,
 }
 
+/// What the bytes read so far are: `None` while a ClientHello is still incomplete. The pure
+/// core of [`read_hello`], public for fuzzing.
+pub fn inspect(buf: &[u8]) -> Option<Hello> {
+    match parse(buf) {
+        Parse::Done(hello) => Some(hello),
+        Parse::NeedMore => None,
+    }
+}
+
 /// Reassembles the handshake stream from the records in `buf`, then reads the ClientHello.
 fn parse(buf: &[u8]) -> Parse {
     let mut handshake = Vec::new();
