@@ -16,6 +16,8 @@ pub struct Entry {
     pub client: SocketAddr,
     /// The authenticated user, when `[auth]` is on.
     pub user: String,
+    /// The verified client certificate's name, on a mutual-TLS listener.
+    pub client_cert: String,
     pub host: String,
     pub port: u16,
     pub rule: String,
@@ -30,6 +32,7 @@ impl Entry {
         Entry {
             client,
             user: String::new(),
+            client_cert: String::new(),
             host: String::new(),
             port: 0,
             rule: String::new(),
@@ -50,6 +53,7 @@ impl Entry {
             event = "decision",
             client = %self.client,
             user = %self.user,
+            client_cert = %self.client_cert,
             host = %self.host,
             port = self.port,
             rule = %self.rule,

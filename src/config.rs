@@ -20,6 +20,7 @@ use crate::auth::UsersFile;
 use crate::ip_ranges::IpRanges;
 use crate::rules::{self, Host, Rule, RuleSet};
 use crate::sni::SniMode;
+use crate::tls::{self, TlsListener};
 
 /// The AppStream profile, compiled in so a bare `portcullis` is useful.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/portcullis.toml");
@@ -34,6 +35,9 @@ pub struct Config {
     pub dns: DnsConfig,
     /// `[clients] allow`: source networks that may use the proxy.
     pub clients_allow: Vec<IpNet>,
+    /// `[clients] allow_cert_names`: when set, clients of a mutual-TLS listener must present a
+    /// certificate whose name (first DNS SAN, else CN) is in this list.
+    pub allow_cert_names: Vec<String>,
     /// `[clients] max_tunnels_per_client`: open tunnels per client address; 0 is no limit.
     /// Keeps one runaway or compromised host from taking every connection slot.
     pub max_tunnels_per_client: usize,
@@ -48,9 +52,11 @@ pub struct Config {
     pub rules: RuleSet,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub listen: Vec<SocketAddr>,
+    /// `[[proxy.tls]]`: listeners that speak TLS to clients.
+    pub tls: Vec<TlsListener>,
     /// Past it a new connection gets 503 and is closed: file descriptors and memory stay bounded.
     pub max_connections: usize,
     /// Bounds how long a client that never finishes its request head (slowloris) holds a slot.
@@ -246,6 +252,17 @@ struct RawProxy {
     idle_timeout: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
     watch_config: Option<bool>,
+    #[serde(default)]
+    tls: Vec<RawTls>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    listen: Spanned<String>,
+    cert: Spanned<String>,
+    key: Spanned<String>,
+    client_ca: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -276,6 +293,8 @@ struct RawNets {
 #[serde(deny_unknown_fields)]
 struct RawClients {
     allow: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    allow_cert_names: Vec<String>,
     max_tunnels_per_client: Option<Spanned<i64>>,
 }
 
@@ -312,7 +331,8 @@ struct RawRule {
 
 impl RawConfig {
     fn validate(self, source: &str, p: &mut Problems<'_>) -> Option<Config> {
-        let proxy = self.proxy.validate(p);
+        let base = Path::new(source).parent().unwrap_or(Path::new(""));
+        let proxy = self.proxy.validate(base, p);
         let admin = self.admin.validate(proxy.as_ref(), p);
         let dns = self.dns.validate(p);
         let clients_allow = nets(self.clients.allow, &["0.0.0.0/0", "::/0"], p);
@@ -323,7 +343,6 @@ impl RawConfig {
             .map_or(Some(0), |v| {
                 p.check(v, |&n| non_negative(n, "max_tunnels_per_client"))
             });
-        let base = Path::new(source).parent().unwrap_or(Path::new(""));
         let auth = match &self.auth.users_file {
             None => Some(None),
             Some(file) => p
@@ -353,6 +372,12 @@ impl RawConfig {
             admin: admin?,
             dns: dns?,
             clients_allow,
+            allow_cert_names: self
+                .clients
+                .allow_cert_names
+                .iter()
+                .map(|n| n.to_ascii_lowercase())
+                .collect(),
             max_tunnels_per_client: max_tunnels_per_client?,
             auth: auth?,
             aws_ip_ranges: aws_ip_ranges?,
@@ -364,7 +389,12 @@ impl RawConfig {
 }
 
 impl RawProxy {
-    fn validate(self, p: &mut Problems<'_>) -> Option<ProxyConfig> {
+    fn validate(self, base: &Path, p: &mut Problems<'_>) -> Option<ProxyConfig> {
+        let tls: Vec<TlsListener> = self
+            .tls
+            .iter()
+            .filter_map(|t| t.validate(base, p))
+            .collect();
         let listen = match self.listen {
             None => vec!["127.0.0.1:3128".parse().expect("valid literal")],
             Some(list) => {
@@ -392,8 +422,28 @@ impl RawProxy {
             idle_timeout: duration(&self.idle_timeout, 30 * 60)?,
             drain_timeout: duration(&self.drain_timeout, 30)?,
             listen,
+            tls,
             max_connections: max_connections?,
             watch_config: self.watch_config.unwrap_or(false),
+        })
+    }
+}
+
+impl RawTls {
+    fn validate(&self, base: &Path, p: &mut Problems<'_>) -> Option<TlsListener> {
+        let listen = p.check(&self.listen, |s| socket_addr(s, None));
+        let client_ca = self.client_ca.as_ref().map(|ca| base.join(ca.get_ref()));
+        let config = p.check(&self.cert, |cert| {
+            tls::server_config(
+                &base.join(cert),
+                &base.join(self.key.get_ref()),
+                client_ca.as_deref(),
+            )
+        });
+        Some(TlsListener {
+            listen: listen?,
+            config: config?,
+            mutual: client_ca.is_some(),
         })
     }
 }

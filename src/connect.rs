@@ -16,6 +16,7 @@ use hyper::ext::ReasonPhrase;
 use hyper::header::PROXY_AUTHORIZATION;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -25,21 +26,30 @@ use crate::auth::{Authenticator, Denied};
 use crate::dns::{CachePath, DnsFailure};
 use crate::error::Reason;
 use crate::metrics::{DomainMetrics, INVALID, Metrics};
-use crate::prefixed::Prefixed;
+use crate::prefixed::{ClientStream, Prefixed};
 use crate::rules::{self, Host, Rule, Verdict};
 use crate::sni::{self, Hello, SniMode};
 use crate::state::{ClientSlot, Runtime, Shared};
 use crate::tunnel::{self, Counters};
 
+/// Who is on the other end of a client connection.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub addr: SocketAddr,
+    /// The verified client certificate's name, on a mutual-TLS listener.
+    pub cert: Option<Arc<str>>,
+}
+
 /// Answers one request on a client connection.
 pub async fn handle(
     mut request: Request<Incoming>,
     shared: Arc<Shared>,
-    client: SocketAddr,
+    client: ClientInfo,
     permit: ConnectionPermit,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let runtime = shared.runtime();
-    let mut entry = Entry::new(client);
+    let mut entry = Entry::new(client.addr);
+    entry.client_cert = client.cert.as_deref().unwrap_or("").to_string();
     let decided = admit(&request, &runtime, &shared, &mut entry).await;
     let domain = label(&shared.metrics, &entry, decided.as_ref().err());
     match decided {
@@ -377,8 +387,7 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
             upstream: &handles.bytes_upstream,
             downstream: &handles.bytes_downstream,
         };
-        let totals = tunnel::relay(
-            tunnel::Mode::best(),
+        let totals = tunnel::relay_client(
             client,
             early,
             upstream,
@@ -397,7 +406,7 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
 /// Reads the ClientHello and compares its server name with the CONNECT host. Returns the bytes
 /// to forward, or the reason the tunnel closes (under `enforce`; `log` only logs).
 async fn check_sni(
-    client: &mut TcpStream,
+    client: &mut ClientStream,
     early: Bytes,
     mode: SniMode,
     within: Duration,
@@ -427,14 +436,15 @@ async fn check_sni(
         return Ok(bytes);
     }
     if verdict == Reason::SniMismatch {
-        let _ = client.try_write(&sni::ACCESS_DENIED_ALERT);
+        let alert = client.write_all(&sni::ACCESS_DENIED_ALERT);
+        let _ = tokio::time::timeout(Duration::from_secs(1), alert).await;
     }
     Err(verdict)
 }
 
 /// Waits for hyper to hand the connection over; returns the raw socket and every byte the
 /// client sent behind its CONNECT head (hyper's read buffer first, then what it never read).
-async fn take_client(upgrade: hyper::upgrade::OnUpgrade) -> Option<(TcpStream, Bytes)> {
+async fn take_client(upgrade: hyper::upgrade::OnUpgrade) -> Option<(ClientStream, Bytes)> {
     let upgraded = match upgrade.await {
         Ok(upgraded) => upgraded,
         Err(e) => {

@@ -18,7 +18,8 @@
 //! - [`auth`]: optional `Proxy-Authorization: Basic` against a users file.
 //! - [`state`]: what connections share; config swaps on reload.
 //! - [`reload`]: SIGHUP and config-file watching.
-//! - [`prefixed`]: a socket with already-read bytes put back in front.
+//! - [`prefixed`]: the client's stream (TCP or TLS) with already-read bytes put back in front.
+//! - [`tls`]: TLS for the proxy's own listeners, with optional client certificates.
 //!
 //! `main.rs` is a thin shell over [`Proxy`]; tests drive the same [`Proxy::run`] with
 //! listeners bound on port 0.
@@ -40,6 +41,7 @@ pub mod rules;
 pub mod server;
 pub mod sni;
 pub mod state;
+pub mod tls;
 pub mod tunnel;
 
 use std::future::Future;
@@ -58,6 +60,8 @@ use state::{Runtime, Shared};
 /// supervisor could pass sockets in.
 pub struct Listeners {
     pub proxy: Vec<TcpListener>,
+    /// One per `[[proxy.tls]]` entry, in config order.
+    pub tls: Vec<TcpListener>,
     pub admin: Option<TcpListener>,
 }
 
@@ -71,13 +75,20 @@ impl Listeners {
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             proxy.push(listener);
         }
+        let mut tls = Vec::new();
+        for listener in &config.proxy.tls {
+            let addr = listener.listen;
+            tls.push(TcpListener::bind(addr).await.map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {addr} (tls): {e}"))
+            })?);
+        }
         let admin = match config.admin.listen {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
                 io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
             })?),
             None => None,
         };
-        Ok(Listeners { proxy, admin })
+        Ok(Listeners { proxy, tls, admin })
     }
 }
 
@@ -128,9 +139,16 @@ impl Proxy {
     pub async fn run(&self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let stop_accepting = CancellationToken::new();
         let stop_admin = CancellationToken::new();
-        for listener in listeners.proxy {
+        let plain = listeners.proxy.into_iter().map(|l| (l, None));
+        let tls = listeners
+            .tls
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| (l, Some(i)));
+        for (listener, tls) in plain.chain(tls) {
             tokio::spawn(server::accept_loop(
                 listener,
+                tls,
                 self.shared.clone(),
                 stop_accepting.clone(),
             ));

@@ -13,16 +13,20 @@ use bytes::BytesMut;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use crate::access_log;
 use crate::connect;
+use crate::connect::ClientInfo;
 use crate::error::Reason;
-use crate::prefixed::Prefixed;
+use crate::prefixed::{ClientStream, Prefixed};
+use crate::state::Runtime;
 use crate::state::Shared;
+use crate::tls;
+use tokio::time::Instant;
 
 /// The largest request head accepted. A CONNECT head is a few hundred bytes; this leaves room
 /// for large `Proxy-Authorization` and tracing headers.
@@ -31,7 +35,13 @@ const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 100;
 
 /// Accepts until `stop` fires. Accept errors (EMFILE above all) back off instead of spinning.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: CancellationToken) {
+/// `tls` is the index of the listener's `[[proxy.tls]]` entry, for TLS listeners.
+pub async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<usize>,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -58,7 +68,7 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, stop: Cance
         let task_shared = shared.clone();
         shared
             .tasks
-            .spawn(serve_connection(stream, peer, task_shared, permit));
+            .spawn(serve_connection(stream, peer, tls, task_shared, permit));
     }
 }
 
@@ -88,6 +98,7 @@ fn reject_overloaded(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) 
 async fn serve_connection(
     mut stream: TcpStream,
     peer: SocketAddr,
+    tls: Option<usize>,
     shared: Arc<Shared>,
     permit: OwnedSemaphorePermit,
 ) {
@@ -103,11 +114,27 @@ async fn serve_connection(
         return;
     }
     let _ = stream.set_nodelay(true);
-    let header_timeout = runtime.config.proxy.header_timeout;
+    // One budget for the TLS handshake and the request head together.
+    let deadline = Instant::now() + runtime.config.proxy.header_timeout;
+    let (mut stream, cert) = match tls {
+        None => (ClientStream::Plain(stream), None),
+        Some(index) => match handshake(stream, &runtime, index, deadline).await {
+            Ok(accepted) => accepted,
+            Err(reason) => {
+                shared.metrics.connection_rejected(reason);
+                tracing::debug!(%peer, reason, "TLS handshake failed");
+                return;
+            }
+        },
+    };
+    if !cert_allowed(&runtime, tls, cert.as_deref()) {
+        reject(&mut stream, peer, &shared, Reason::ClientNotAllowed).await;
+        return;
+    }
     drop(runtime);
     let mut head = BytesMut::with_capacity(1024);
     let read = tokio::select! {
-        read = tokio::time::timeout(header_timeout, read_head(&mut stream, &mut head)) => read,
+        read = tokio::time::timeout_at(deadline, read_head(&mut stream, &mut head)) => read,
         () = shared.abort.cancelled() => return,
     };
     match read {
@@ -121,19 +148,21 @@ async fn serve_connection(
                 .metrics
                 .request(crate::metrics::INVALID, "", Some(Reason::BadRequest));
             let mut entry = access_log::Entry::new(peer);
-            entry.host = String::new();
+            entry.client_cert = cert.as_deref().unwrap_or("").to_string();
             entry.decision(Some(Reason::BadRequest));
             let _ = write_and_close(&mut stream, Reason::BadRequest).await;
             return;
         }
         Ok(Ok(())) => {}
     }
+    let client = ClientInfo { addr: peer, cert };
     let io = TokioIo::new(Prefixed::new(head.freeze(), stream));
     // The connection's permit moves into the tunnel if one opens, so open tunnels count
     // against `max_connections` for as long as they live.
     let permit = Arc::new(std::sync::Mutex::new(Some(permit)));
-    let service =
-        service_fn(move |request| connect::handle(request, shared.clone(), peer, permit.clone()));
+    let service = service_fn(move |request| {
+        connect::handle(request, shared.clone(), client.clone(), permit.clone())
+    });
     if let Err(e) = http1::Builder::new()
         .max_buf_size(MAX_HEAD.max(8192))
         .serve_connection(io, service)
@@ -142,6 +171,45 @@ async fn serve_connection(
     {
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
+}
+
+/// Completes the TLS handshake of a `[[proxy.tls]]` listener by `deadline`; returns the
+/// stream and the verified client certificate's name, if the client presented one. The error
+/// is the `connections_rejected_total` reason.
+async fn handshake(
+    stream: TcpStream,
+    runtime: &Runtime,
+    index: usize,
+    deadline: Instant,
+) -> Result<(ClientStream, Option<Arc<str>>), &'static str> {
+    let listener = runtime
+        .config
+        .proxy
+        .tls
+        .get(index)
+        .ok_or("tls_listener_removed")?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(listener.config.clone());
+    let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+        .await
+        .map_err(|_| "header_timeout")?
+        .map_err(|_| "tls_handshake")?;
+    let cert = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(tls::client_name)
+        .map(Arc::from);
+    Ok((ClientStream::Tls(Box::new(tls)), cert))
+}
+
+/// `[clients] allow_cert_names` binds on mutual-TLS listeners only.
+fn cert_allowed(runtime: &Runtime, tls: Option<usize>, cert: Option<&str>) -> bool {
+    let names = &runtime.config.allow_cert_names;
+    let mutual = tls
+        .and_then(|i| runtime.config.proxy.tls.get(i))
+        .is_some_and(|listener| listener.mutual);
+    !mutual || names.is_empty() || cert.is_some_and(|name| names.iter().any(|n| n == name))
 }
 
 /// IPv4 clients on a dual-stack socket arrive as `::ffff:a.b.c.d`; ACLs are written in IPv4.
@@ -155,7 +223,10 @@ fn normalize(peer: SocketAddr) -> SocketAddr {
     }
 }
 
-async fn reject(stream: &mut TcpStream, peer: SocketAddr, shared: &Shared, reason: Reason) {
+async fn reject<S>(stream: &mut S, peer: SocketAddr, shared: &Shared, reason: Reason)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     shared.metrics.connection_rejected(reason.as_str());
     access_log::rejected(peer, reason);
     let _ = write_and_close(stream, reason).await;
@@ -165,7 +236,10 @@ async fn reject(stream: &mut TcpStream, peer: SocketAddr, shared: &Shared, reaso
 /// is read and discarded until it closes too, because closing a socket with unread bytes makes
 /// the kernel answer with RST, and a client may then lose the reply it has not read yet.
 /// Bounded in time and bytes: a client that neither reads nor closes cannot keep the task.
-async fn write_and_close(stream: &mut TcpStream, reason: Reason) -> std::io::Result<()> {
+async fn write_and_close<S>(stream: &mut S, reason: Reason) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let reply = reason.raw_response();
     let close = async {
         stream.write_all(&reply).await?;
@@ -192,7 +266,10 @@ enum HeadError {
 
 /// Reads until a complete, well-formed request head is buffered. Bytes after the head (a
 /// pipelined ClientHello) stay in `buf` for the tunnel.
-async fn read_head(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<(), HeadError> {
+async fn read_head<S>(stream: &mut S, buf: &mut BytesMut) -> Result<(), HeadError>
+where
+    S: AsyncRead + Unpin,
+{
     loop {
         if !buf.is_empty() {
             match check_head(buf) {

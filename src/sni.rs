@@ -12,8 +12,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The most bytes read while looking for a complete ClientHello. Real ones are under 2 KiB;
 /// post-quantum key shares and many extensions stay well under this.
@@ -70,8 +69,8 @@ pub enum ReadError {
 /// Reads from `stream` (after the bytes already in `early`) until the first handshake message
 /// is complete. Returns every byte read, to be forwarded unchanged if the tunnel goes on, and
 /// what it was.
-pub async fn read_hello(
-    stream: &mut TcpStream,
+pub async fn read_hello<S: AsyncRead + Unpin>(
+    stream: &mut S,
     early: Bytes,
     within: Duration,
 ) -> (Bytes, Result<Hello, ReadError>) {

@@ -14,9 +14,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::prefixed::ClientStream;
 
 /// Per-direction buffer. 16 KiB matches a TLS record, the unit streaming traffic arrives in.
 const BUFFER: usize = 16 * 1024;
@@ -128,6 +131,101 @@ pub async fn relay(
         upstream: up_bytes.load(Ordering::Relaxed),
         downstream: down_bytes.load(Ordering::Relaxed),
         end,
+    }
+}
+
+/// Relays for a client connection of either kind: plain TCP takes the fastest [`Mode`]; TLS
+/// to the proxy must pass through user space to be decrypted, so it is copied.
+pub async fn relay_client(
+    client: ClientStream,
+    early: Bytes,
+    upstream: TcpStream,
+    idle_timeout: Duration,
+    counters: Counters<'_>,
+    abort: &CancellationToken,
+) -> Totals {
+    match client {
+        ClientStream::Plain(tcp) => {
+            relay(
+                Mode::best(),
+                tcp,
+                early,
+                upstream,
+                idle_timeout,
+                counters,
+                abort,
+            )
+            .await
+        }
+        ClientStream::Tls(tls) => {
+            relay_streams(*tls, early, upstream, idle_timeout, counters, abort).await
+        }
+    }
+}
+
+/// The general relay: any client stream, a TCP origin.
+async fn relay_streams<C>(
+    client: C,
+    early: Bytes,
+    mut upstream: TcpStream,
+    idle_timeout: Duration,
+    counters: Counters<'_>,
+    abort: &CancellationToken,
+) -> Totals
+where
+    C: AsyncRead + AsyncWrite,
+{
+    let activity = Activity::new();
+    let up_bytes = AtomicU64::new(0);
+    let down_bytes = AtomicU64::new(0);
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut origin_read, mut origin_write) = upstream.split();
+    let up_direction = Direction {
+        counter: counters.upstream,
+        total: &up_bytes,
+        activity: &activity,
+    };
+    let down_direction = Direction {
+        counter: counters.downstream,
+        total: &down_bytes,
+        activity: &activity,
+    };
+    let up = async {
+        origin_write.write_all(&early).await?;
+        up_direction.moved(early.len());
+        pump(&mut client_read, &mut origin_write, &up_direction).await
+    };
+    let down = pump(&mut origin_read, &mut client_write, &down_direction);
+    let end = tokio::select! {
+        result = futures_util::future::try_join(up, down) => match result {
+            Ok(_) => End::Closed,
+            Err(_) => End::Error,
+        },
+        () = activity.idle(idle_timeout) => End::Idle,
+        () = abort.cancelled() => End::Shutdown,
+    };
+    Totals {
+        upstream: up_bytes.load(Ordering::Relaxed),
+        downstream: down_bytes.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+/// Copies one direction of a generic stream until EOF, then passes the half-close on.
+async fn pump<R, W>(reader: &mut R, writer: &mut W, direction: &Direction<'_>) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buffer = vec![0u8; BUFFER];
+    loop {
+        let n = reader.read(&mut buffer).await?;
+        if n == 0 {
+            let _ = writer.shutdown().await;
+            return Ok(());
+        }
+        writer.write_all(&buffer[..n]).await?;
+        direction.moved(n);
     }
 }
 

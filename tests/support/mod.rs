@@ -86,6 +86,10 @@ pub struct Setup {
     pub max_tunnels_per_client: usize,
     /// `[auth] users_file`, when set.
     pub users_file: Option<String>,
+    /// `[[proxy.tls]]` tables (their `listen` is replaced by a port-0 bind of the harness).
+    pub proxy_tls: String,
+    /// `[clients] allow_cert_names`.
+    pub allow_cert_names: Vec<&'static str>,
     /// `sni` for every rule. Off by default: most tests relay plain bytes through echo
     /// origins; the SNI tests turn it on.
     pub sni: &'static str,
@@ -108,6 +112,8 @@ impl Default for Setup {
             max_tunnels_per_client: 0,
             users_file: None,
             sni: "off",
+            proxy_tls: String::new(),
+            allow_cert_names: Vec::new(),
         }
     }
 }
@@ -127,18 +133,20 @@ impl Setup {
         format!(
             "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = {}\nheader_timeout = {:?}\n\
              connect_timeout = {:?}\nidle_timeout = {:?}\ndrain_timeout = {:?}\n\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\nadvertise = \"proxy.test:3128\"\n\n\
+             {}\n[admin]\nlisten = \"127.0.0.1:0\"\nadvertise = \"proxy.test:3128\"\n\n\
              [dns]\nservers = [\"{dns}\"]\ncache_size = {}\nhosts = {{ {} }}\n\n\
-             [clients]\nallow = [{}]\nmax_tunnels_per_client = {}\n\n{}\
+             [clients]\nallow = [{}]\nallow_cert_names = [{}]\nmax_tunnels_per_client = {}\n\n{}\
              [destinations]\nallow = [{}]\n\n[metrics]\nmax_domains = {}\n\n{}\n{}\n",
             self.max_connections,
             self.header_timeout,
             self.connect_timeout,
             self.idle_timeout,
             self.drain_timeout,
+            self.proxy_tls,
             self.cache_size,
             self.dns_hosts,
             list(&self.clients_allow),
+            list(&self.allow_cert_names),
             self.max_tunnels_per_client,
             self.users_file
                 .as_ref()
@@ -163,6 +171,8 @@ impl Setup {
 /// A proxy serving on loopback, with its own DNS server.
 pub struct TestProxy {
     pub addr: SocketAddr,
+    /// One per `[[proxy.tls]]` table, in order.
+    pub tls_addrs: Vec<SocketAddr>,
     pub admin: SocketAddr,
     pub dns: TestDns,
     pub proxy: Proxy,
@@ -178,9 +188,15 @@ pub async fn start(setup: Setup) -> TestProxy {
     let config = Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
     let listeners = Listeners {
         proxy: vec![TcpListener::bind("127.0.0.1:0").await.unwrap()],
+        tls: tls_listeners(&config).await,
         admin: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
     };
     let addr = listeners.proxy[0].local_addr().unwrap();
+    let tls_addrs = listeners
+        .tls
+        .iter()
+        .map(|l| l.local_addr().unwrap())
+        .collect();
     let admin = listeners.admin.as_ref().unwrap().local_addr().unwrap();
     let proxy = Proxy::new(config).expect("proxy starts");
     let (tx, rx) = oneshot::channel();
@@ -194,12 +210,22 @@ pub async fn start(setup: Setup) -> TestProxy {
     });
     TestProxy {
         addr,
+        tls_addrs,
         admin,
         dns,
         proxy,
         shutdown: Some(tx),
         task: Some(task),
     }
+}
+
+/// A port-0 listener on loopback for each `[[proxy.tls]]` table.
+async fn tls_listeners(config: &Config) -> Vec<TcpListener> {
+    let mut listeners = Vec::new();
+    for _ in &config.proxy.tls {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.unwrap());
+    }
+    listeners
 }
 
 impl TestProxy {
