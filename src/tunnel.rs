@@ -8,6 +8,7 @@
 //!
 //! Counters move per read, so an hour-long streaming session shows its traffic as it happens.
 
+use std::future::Future;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -95,43 +96,14 @@ pub async fn relay(
     counters: Counters<'_>,
     abort: &CancellationToken,
 ) -> Totals {
-    let activity = Activity::new();
-    let up_bytes = AtomicU64::new(0);
-    let down_bytes = AtomicU64::new(0);
+    let meter = Meter::new(counters);
     let up = async {
         write_all(&upstream, &early).await?;
-        counters.upstream.inc_by(early.len() as u64);
-        up_bytes.fetch_add(early.len() as u64, Ordering::Relaxed);
-        let direction = Direction {
-            counter: counters.upstream,
-            total: &up_bytes,
-            activity: &activity,
-        };
-        forward(mode, &client, &upstream, direction).await
+        meter.upstream().moved(early.len());
+        forward(mode, &client, &upstream, meter.upstream()).await
     };
-    let down = forward(
-        mode,
-        &upstream,
-        &client,
-        Direction {
-            counter: counters.downstream,
-            total: &down_bytes,
-            activity: &activity,
-        },
-    );
-    let end = tokio::select! {
-        result = futures_util::future::try_join(up, down) => match result {
-            Ok(_) => End::Closed,
-            Err(_) => End::Error,
-        },
-        () = activity.idle(idle_timeout) => End::Idle,
-        () = abort.cancelled() => End::Shutdown,
-    };
-    Totals {
-        upstream: up_bytes.load(Ordering::Relaxed),
-        downstream: down_bytes.load(Ordering::Relaxed),
-        end,
-    }
+    let down = forward(mode, &upstream, &client, meter.downstream());
+    meter.run(up, down, idle_timeout, abort).await
 }
 
 /// Relays for a client connection of either kind: plain TCP takes the fastest [`Mode`]; TLS
@@ -146,16 +118,8 @@ pub async fn relay_client(
 ) -> Totals {
     match client {
         ClientStream::Plain(tcp) => {
-            relay(
-                Mode::best(),
-                tcp,
-                early,
-                upstream,
-                idle_timeout,
-                counters,
-                abort,
-            )
-            .await
+            let mode = Mode::best();
+            relay(mode, tcp, early, upstream, idle_timeout, counters, abort).await
         }
         ClientStream::Tls(tls) => {
             relay_streams(*tls, early, upstream, idle_timeout, counters, abort).await
@@ -175,44 +139,78 @@ async fn relay_streams<C>(
 where
     C: AsyncRead + AsyncWrite,
 {
-    let activity = Activity::new();
-    let up_bytes = AtomicU64::new(0);
-    let down_bytes = AtomicU64::new(0);
+    let meter = Meter::new(counters);
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut origin_read, mut origin_write) = upstream.split();
-    let up_direction = Direction {
-        counter: counters.upstream,
-        total: &up_bytes,
-        activity: &activity,
-    };
-    let down_direction = Direction {
-        counter: counters.downstream,
-        total: &down_bytes,
-        activity: &activity,
-    };
     let up = async {
         origin_write.write_all(&early).await?;
-        up_direction.moved(early.len());
-        pump(&mut client_read, &mut origin_write, &up_direction).await
+        meter.upstream().moved(early.len());
+        pump(&mut client_read, &mut origin_write, meter.upstream()).await
     };
-    let down = pump(&mut origin_read, &mut client_write, &down_direction);
-    let end = tokio::select! {
-        result = futures_util::future::try_join(up, down) => match result {
-            Ok(_) => End::Closed,
-            Err(_) => End::Error,
-        },
-        () = activity.idle(idle_timeout) => End::Idle,
-        () = abort.cancelled() => End::Shutdown,
-    };
-    Totals {
-        upstream: up_bytes.load(Ordering::Relaxed),
-        downstream: down_bytes.load(Ordering::Relaxed),
-        end,
+    let down = pump(&mut origin_read, &mut client_write, meter.downstream());
+    meter.run(up, down, idle_timeout, abort).await
+}
+
+/// One tunnel's bookkeeping: bytes each way (live counters and totals) and the last activity.
+struct Meter<'a> {
+    counters: Counters<'a>,
+    upstream: AtomicU64,
+    downstream: AtomicU64,
+    activity: Activity,
+}
+
+impl<'a> Meter<'a> {
+    fn new(counters: Counters<'a>) -> Meter<'a> {
+        Meter {
+            counters,
+            upstream: AtomicU64::new(0),
+            downstream: AtomicU64::new(0),
+            activity: Activity::new(),
+        }
+    }
+
+    fn upstream(&self) -> Direction<'_> {
+        Direction {
+            counter: self.counters.upstream,
+            total: &self.upstream,
+            activity: &self.activity,
+        }
+    }
+
+    fn downstream(&self) -> Direction<'_> {
+        Direction {
+            counter: self.counters.downstream,
+            total: &self.downstream,
+            activity: &self.activity,
+        }
+    }
+
+    /// Drives both directions to the end, or until the tunnel idles out or is aborted.
+    async fn run(
+        &self,
+        up: impl Future<Output = io::Result<()>>,
+        down: impl Future<Output = io::Result<()>>,
+        idle_timeout: Duration,
+        abort: &CancellationToken,
+    ) -> Totals {
+        let end = tokio::select! {
+            result = futures_util::future::try_join(up, down) => match result {
+                Ok(_) => End::Closed,
+                Err(_) => End::Error,
+            },
+            () = self.activity.idle(idle_timeout) => End::Idle,
+            () = abort.cancelled() => End::Shutdown,
+        };
+        Totals {
+            upstream: self.upstream.load(Ordering::Relaxed),
+            downstream: self.downstream.load(Ordering::Relaxed),
+            end,
+        }
     }
 }
 
 /// Copies one direction of a generic stream until EOF, then passes the half-close on.
-async fn pump<R, W>(reader: &mut R, writer: &mut W, direction: &Direction<'_>) -> io::Result<()>
+async fn pump<R, W>(reader: &mut R, writer: &mut W, direction: Direction<'_>) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
