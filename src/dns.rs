@@ -13,6 +13,9 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Instant;
+
+use dashmap::DashMap;
 
 use futures_util::StreamExt;
 use hickory_resolver::config::{
@@ -55,6 +58,11 @@ impl CachePath {
 
 /// The resolvers of one config.
 pub struct Resolver {
+    /// Answers for ordinary rules, until their TTL runs out. hickory keeps its own cache of
+    /// DNS messages behind `cached`; this one in front holds just the addresses, so a hit is
+    /// one map lookup rather than a walk through hickory's lookup machinery.
+    answers: DashMap<String, Answer>,
+    answers_cap: usize,
     cached: TokioResolver,
     fresh: NameServerPool<TokioRuntimeProvider>,
     options: DnsRequestOptions,
@@ -89,6 +97,8 @@ impl Resolver {
         let fresh =
             NameServerPool::from_config(name_servers, context, TokioRuntimeProvider::default());
         Ok(Resolver {
+            answers: DashMap::new(),
+            answers_cap: usize::try_from(config.cache_size).unwrap_or(usize::MAX),
             cached,
             fresh,
             options,
@@ -108,18 +118,45 @@ impl Resolver {
             })
             .map_err(|e| DnsFailure::Failed(e.to_string()))?;
         match path {
-            CachePath::Cached => self.resolve_cached(name).await,
+            CachePath::Cached => self.resolve_cached(host, name).await,
             CachePath::Bypass => self.resolve_fresh(name).await,
         }
     }
 
-    async fn resolve_cached(&self, name: Name) -> Result<Vec<IpAddr>, DnsFailure> {
+    async fn resolve_cached(&self, host: &str, name: Name) -> Result<Vec<IpAddr>, DnsFailure> {
+        let now = Instant::now();
+        if let Some(answer) = self.answers.get(host)
+            && answer.valid_until > now
+        {
+            return Ok(answer.addrs.to_vec());
+        }
         let lookup = self.cached.lookup_ip(name).await.map_err(failure)?;
         let addrs: Vec<IpAddr> = lookup.iter().collect();
         if addrs.is_empty() {
             return Err(DnsFailure::NoSuchName);
         }
+        self.remember(host, &addrs, lookup.valid_until());
         Ok(addrs)
+    }
+
+    /// Keeps an answer until `valid_until`, within `cache_size` names: when full, expired
+    /// entries go first, and if none has expired, everything does (the next lookups refill it).
+    fn remember(&self, host: &str, addrs: &[IpAddr], valid_until: Instant) {
+        if self.answers_cap == 0 {
+            return;
+        }
+        if self.answers.len() >= self.answers_cap && !self.answers.contains_key(host) {
+            let now = Instant::now();
+            self.answers.retain(|_, answer| answer.valid_until > now);
+            if self.answers.len() >= self.answers_cap {
+                self.answers.clear();
+            }
+        }
+        let answer = Answer {
+            addrs: addrs.into(),
+            valid_until,
+        };
+        self.answers.insert(host.to_string(), answer);
     }
 
     /// A and AAAA in parallel, sent to the name servers with no cache in between.
@@ -159,6 +196,12 @@ impl Resolver {
             code => Err(DnsFailure::Failed(format!("server answered {code}"))),
         }
     }
+}
+
+/// Addresses for a name, and until when they may be used.
+struct Answer {
+    addrs: Arc<[IpAddr]>,
+    valid_until: Instant,
 }
 
 fn explicit_servers(servers: &[SocketAddr]) -> ResolverConfig {

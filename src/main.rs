@@ -95,7 +95,10 @@ fn check(config: Result<Config, portcullis::config::ConfigError>) -> ExitCode {
 /// Logs go to stdout through a non-blocking writer: a slow or closed stdout must never stall
 /// the data path. Lines dropped under pressure are lost rather than waited for.
 fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    // The writer thread drains every queued line into one buffer and flushes once per batch,
+    // instead of one write(2) per line.
+    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking(stdout);
     let filter =
         EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::prefixed::ClientStream;
 
+/// Bytes a direction copies through user space before it switches to `splice(2)`.
+const SPLICE_AFTER: u64 = 256 * 1024;
+
 /// Per-direction buffer. 16 KiB matches a TLS record, the unit streaming traffic arrives in.
 const BUFFER: usize = 16 * 1024;
 
@@ -250,31 +253,55 @@ async fn forward(
     direction: Direction<'_>,
 ) -> io::Result<()> {
     match mode {
+        // Handshakes and interactive traffic are small: a pipe (two more descriptors and
+        // syscalls to make and close) pays off only once a direction carries bulk data.
         #[cfg(target_os = "linux")]
-        Mode::Splice => splice::forward(from, to, &direction).await?,
-        _ => copy_forward(from, to, &direction).await?,
+        Mode::Splice => {
+            if copy_forward(from, to, &direction, SPLICE_AFTER).await? == Copied::Bulk {
+                splice::forward(from, to, &direction).await?;
+            }
+        }
+        _ => {
+            copy_forward(from, to, &direction, u64::MAX).await?;
+        }
     }
     // The peer may already be gone; the other direction decides how the tunnel ends.
     let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
     Ok(())
 }
 
-/// The portable path. The buffer is taken when the socket turns readable and given back when
-/// it has nothing more to read, so an idle tunnel holds no buffer at all.
+/// Where a copy loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copied {
+    /// The sender finished (EOF).
+    Eof,
+    /// More than the byte budget went through: a bulk transfer, worth a pipe.
+    Bulk,
+}
+
+/// The portable path, and the start of every tunnel on the splice path. The buffer is taken
+/// when the socket turns readable and given back when it has nothing more to read, so an idle
+/// tunnel holds no buffer at all. Stops early once `budget` bytes have gone through.
 async fn copy_forward(
     from: &TcpStream,
     to: &TcpStream,
     direction: &Direction<'_>,
-) -> io::Result<()> {
+    budget: u64,
+) -> io::Result<Copied> {
+    let mut moved = 0u64;
     loop {
         from.readable().await?;
         let mut buffer = vec![0u8; BUFFER];
         loop {
             match from.try_read(&mut buffer) {
-                Ok(0) => return Ok(()),
+                Ok(0) => return Ok(Copied::Eof),
                 Ok(n) => {
                     write_all(to, &buffer[..n]).await?;
                     direction.moved(n);
+                    moved += n as u64;
+                    if moved >= budget {
+                        return Ok(Copied::Bulk);
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
@@ -301,27 +328,32 @@ mod splice {
     use std::io;
     use std::os::fd::OwnedFd;
 
-    use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
+    use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
     use super::Direction;
 
-    /// Bytes moved per splice call: the default pipe capacity.
-    const CHUNK: usize = 64 * 1024;
+    /// The pipe's capacity, and so the most bytes one splice call moves. Larger than the
+    /// default 64 KiB so bulk transfers need fewer calls; kernel pages are only taken while
+    /// data is in flight. If the kernel refuses (`pipe-max-size`, or the per-user pipe budget
+    /// that `fs.pipe-user-pages-soft` sets), the default capacity stays.
+    const CHUNK: usize = 256 * 1024;
 
     pub(super) async fn forward(
         from: &TcpStream,
         to: &TcpStream,
         direction: &Direction<'_>,
     ) -> io::Result<()> {
-        // Made when the first byte is ready: a tunnel that never carries data holds no pipe.
+        // Made when the first byte is ready after the switch.
         let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         loop {
             from.readable().await?;
             if pipe.is_none() {
-                pipe = Some(pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?);
+                let made = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+                let _ = fcntl_setpipe_size(&made.1, CHUNK);
+                pipe = Some(made);
             }
             let (pipe_out, pipe_in) = pipe.as_ref().expect("just made");
             let filled = from.try_io(Interest::READABLE, || {
