@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use portcullis::log_writer::{FlushGuard, batch_writer};
 use portcullis::reload::Reloader;
 use portcullis::{Config, Listeners, Proxy};
 use tokio::signal::unix::{SignalKind, signal};
@@ -92,13 +93,10 @@ fn check(config: Result<Config, portcullis::config::ConfigError>) -> ExitCode {
     }
 }
 
-/// Logs go to stdout through a non-blocking writer: a slow or closed stdout must never stall
-/// the data path. Lines dropped under pressure are lost rather than waited for.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
-    // The writer thread drains every queued line into one buffer and flushes once per batch,
-    // instead of one write(2) per line.
-    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    let (writer, guard) = tracing_appender::non_blocking(stdout);
+/// Logs go to stdout through [`batch_writer`]: a slow or closed stdout never stalls the data
+/// path, and a log line never wakes another thread.
+fn init_logging(format: LogFormat) -> FlushGuard {
+    let (writer, guard) = batch_writer(std::io::stdout());
     let filter =
         EnvFilter::try_from_env("PORTCULLIS_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()

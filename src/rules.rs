@@ -3,14 +3,15 @@
 //! Pure functions over strings, so every edge of the matching semantics in PRODUCT.md is pinned
 //! down by unit tests here rather than discovered through sockets.
 //!
-//! Matching runs on globset. A host `a.b.example.com` is matched as the path `a/b/example/com`
-//! with `literal_separator` on, so a `*` can never reach across a dot; a leading `*.` becomes
-//! `*/**/`, which is "one or more whole labels".
+//! Matching compares labels, right to left: a leading `*.` is one or more whole labels, a `*`
+//! label exactly one, and a `*` inside a label (globset) never reaches across a dot.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 
-use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use std::collections::HashMap;
+
+use globset::{GlobBuilder, GlobMatcher};
 
 use crate::error::Reason;
 use crate::sni::SniMode;
@@ -87,10 +88,11 @@ fn looks_numeric(name: &str, labels: usize) -> bool {
     let last = name.rsplit('.').next().unwrap_or(name);
     let all_digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
     let inet_aton_part = |s: &str| {
-        let lower = s.to_ascii_lowercase();
-        match lower.strip_prefix("0x") {
-            Some(hex) => hex.bytes().all(|b| b.is_ascii_hexdigit()),
-            None => all_digits(s),
+        let hex = s.len() >= 2 && s[..2].eq_ignore_ascii_case("0x");
+        if hex {
+            s[2..].bytes().all(|b| b.is_ascii_hexdigit())
+        } else {
+            all_digits(s)
         }
     };
     all_digits(last) || (labels <= 4 && name.split('.').all(inet_aton_part))
@@ -128,34 +130,139 @@ pub enum Verdict<'a> {
 }
 
 /// The compiled allowlist.
+///
+/// Patterns are indexed by their trailing run of literal labels (`amazonappstream.com` for
+/// `*.amazonappstream.com`, `on.aws` for `*.streaming.appstream2.*.on.aws`). A host is looked up
+/// once per label boundary (`a.b.example.com`, `b.example.com`, `example.com`, `com`), and only
+/// the patterns filed under those suffixes are compared label by label. Checking a host costs a
+/// handful of hash lookups whether there are ten rules or ten thousand.
 #[derive(Debug, Clone)]
 pub struct RuleSet {
     rules: Vec<Rule>,
-    globs: GlobSet,
-    /// For each glob in `globs`, the index of its rule.
-    glob_rule: Vec<usize>,
+    patterns: Vec<Pattern>,
+    /// Trailing literal labels → indices into `patterns`.
+    by_suffix: HashMap<Box<str>, Vec<usize>>,
+    /// Patterns that end in a wildcard label, so have no literal suffix: always compared.
+    unindexed: Vec<usize>,
+}
+
+/// One compiled domain pattern.
+#[derive(Debug, Clone)]
+struct Pattern {
+    rule: usize,
+    /// A leading `*.`: one or more whole labels before `labels`.
+    leading_any: bool,
+    /// The remaining labels, left to right.
+    labels: Vec<Label>,
+}
+
+#[derive(Debug, Clone)]
+enum Label {
+    Exact(Box<str>),
+    /// `*`: exactly one label.
+    Any,
+    /// `*` inside a label (`d*`, `*-fips`): globset, within the label.
+    Glob(GlobMatcher),
+}
+
+impl Label {
+    fn parse(label: &str) -> Result<Label, String> {
+        if label == "*" {
+            Ok(Label::Any)
+        } else if label.contains('*') {
+            let glob = GlobBuilder::new(label)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| format!("label {label:?}: {e}"))?;
+            Ok(Label::Glob(glob.compile_matcher()))
+        } else {
+            Ok(Label::Exact(label.into()))
+        }
+    }
+
+    fn matches(&self, label: &str) -> bool {
+        match self {
+            Label::Exact(exact) => **exact == *label,
+            Label::Any => true,
+            Label::Glob(glob) => glob.is_match(label),
+        }
+    }
+}
+
+impl Pattern {
+    fn parse(pattern: &str, rule: usize) -> Result<Pattern, String> {
+        let (leading_any, rest) = match pattern.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, pattern),
+        };
+        let labels = rest
+            .split('.')
+            .map(Label::parse)
+            .collect::<Result<_, _>>()?;
+        Ok(Pattern {
+            rule,
+            leading_any,
+            labels,
+        })
+    }
+
+    /// The trailing labels without a wildcard, as a suffix string (empty if the last has one).
+    fn literal_suffix(&self) -> String {
+        let literal: Vec<&str> = self
+            .labels
+            .iter()
+            .rev()
+            .map_while(|label| match label {
+                Label::Exact(exact) => Some(&**exact),
+                _ => None,
+            })
+            .collect();
+        literal.into_iter().rev().collect::<Vec<_>>().join(".")
+    }
+
+    /// `host` is validated and lowercased; `host_labels` is its label count.
+    fn matches(&self, host: &str, host_labels: usize) -> bool {
+        let fits = if self.leading_any {
+            host_labels > self.labels.len()
+        } else {
+            host_labels == self.labels.len()
+        };
+        fits && self
+            .labels
+            .iter()
+            .rev()
+            .zip(host.rsplit('.'))
+            .all(|(pattern, label)| pattern.matches(label))
+    }
 }
 
 impl RuleSet {
     /// Compiles the rules. Patterns must already have passed [`validate_pattern`].
     pub fn new(rules: Vec<Rule>) -> Result<RuleSet, String> {
-        let mut builder = GlobSetBuilder::new();
-        let mut glob_rule = Vec::new();
+        let mut patterns = Vec::new();
+        let mut by_suffix: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut unindexed = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
-            for pattern in &rule.domains {
-                let glob = GlobBuilder::new(&pattern_to_glob(pattern))
-                    .literal_separator(true)
-                    .build()
-                    .map_err(|e| format!("pattern {pattern:?}: {e}"))?;
-                builder.add(glob);
-                glob_rule.push(index);
+            for domain in &rule.domains {
+                let pattern = Pattern::parse(domain, index)
+                    .map_err(|e| format!("pattern {domain:?}: {e}"))?;
+                let suffix = pattern.literal_suffix();
+                if suffix.is_empty() {
+                    unindexed.push(patterns.len());
+                } else {
+                    by_suffix
+                        .entry(suffix.into_boxed_str())
+                        .or_default()
+                        .push(patterns.len());
+                }
+                patterns.push(pattern);
             }
         }
-        let globs = builder.build().map_err(|e| e.to_string())?;
         Ok(RuleSet {
             rules,
-            globs,
-            glob_rule,
+            patterns,
+            by_suffix,
+            unindexed,
         })
     }
 
@@ -163,26 +270,32 @@ impl RuleSet {
         &self.rules
     }
 
-    /// Checks a validated, lowercased host name (see [`parse_host`]) and a port.
+    /// Checks a validated, lowercased host name (see [`parse_host`]) and a port. Among the
+    /// rules whose patterns match, the first in config order that allows the port wins.
     pub fn check(&self, host: &str, port: u16) -> Verdict<'_> {
-        let path = host.replace('.', "/");
-        let mut first_match = None;
-        for glob in self.globs.matches(path.as_str()) {
-            let rule = &self.rules[self.glob_rule[glob]];
-            if rule.allows_port(port) {
-                return Verdict::Allowed(rule);
+        let host_labels = host.bytes().filter(|&b| b == b'.').count() + 1;
+        let suffixes = std::iter::once(0)
+            .chain(host.match_indices('.').map(|(dot, _)| dot + 1))
+            .filter_map(|start| self.by_suffix.get(&host[start..]));
+        let candidates = suffixes.flatten().chain(&self.unindexed);
+        let mut first_match: Option<usize> = None;
+        let mut first_allowed: Option<usize> = None;
+        for &index in candidates {
+            let pattern = &self.patterns[index];
+            if !pattern.matches(host, host_labels) {
+                continue;
             }
-            first_match.get_or_insert(rule);
+            let rule = pattern.rule;
+            first_match = Some(first_match.map_or(rule, |r| r.min(rule)));
+            if self.rules[rule].allows_port(port) {
+                first_allowed = Some(first_allowed.map_or(rule, |r| r.min(rule)));
+            }
         }
-        first_match.map_or(Verdict::NoRule, Verdict::PortNotAllowed)
-    }
-}
-
-/// `*.example.com` → `*/**/example/com`; any other `*` stays inside its label.
-fn pattern_to_glob(pattern: &str) -> String {
-    match pattern.strip_prefix("*.") {
-        Some(rest) => format!("*/**/{}", rest.replace('.', "/")),
-        None => pattern.replace('.', "/"),
+        match (first_allowed, first_match) {
+            (Some(rule), _) => Verdict::Allowed(&self.rules[rule]),
+            (None, Some(rule)) => Verdict::PortNotAllowed(&self.rules[rule]),
+            (None, None) => Verdict::NoRule,
+        }
     }
 }
 
@@ -430,6 +543,77 @@ mod tests {
             "[nothex]:443",
         ] {
             assert_eq!(parse_authority(bad), Err(Reason::BadRequest), "{bad:?}");
+        }
+    }
+
+    /// The matcher agrees with a straightforward globset oracle (hosts as paths, `*` kept inside
+    /// a label by `literal_separator`, a leading `*.` as `*/**/`) on every pair of a pattern and
+    /// a host drawn from tricky shapes.
+    #[test]
+    fn agrees_with_a_globset_oracle() {
+        use globset::GlobSetBuilder;
+        let patterns = [
+            "*.amazonappstream.com",
+            "appstream2.*.aws.amazon.com",
+            "*.appstream2.*.aws.amazon.com",
+            "*.streaming.appstream2.*.on.aws",
+            "*.streaming.appstream.*.vpce.amazonaws.com",
+            "signin.aws.amazon.com",
+            "d*.cloudfront.net",
+            "*-fips.example.com",
+            "a.*.*.example.com",
+            "example.*",
+            "*.example.*",
+        ];
+        let hosts = [
+            "amazonappstream.com",
+            "a.amazonappstream.com",
+            "a.b.amazonappstream.com",
+            "evilamazonappstream.com",
+            "amazonappstream.com.evil.net",
+            "appstream2.us-east-1.aws.amazon.com",
+            "x.appstream2.us-east-1.aws.amazon.com",
+            "appstream2.a.b.aws.amazon.com",
+            "appstream2.aws.amazon.com",
+            "x.streaming.appstream2.eu-west-1.on.aws",
+            "streaming.appstream2.eu-west-1.on.aws",
+            "v.streaming.appstream.us-west-2.vpce.amazonaws.com",
+            "signin.aws.amazon.com",
+            "x.signin.aws.amazon.com",
+            "d111.cloudfront.net",
+            "d.cloudfront.net",
+            "e1.cloudfront.net",
+            "x.d1.cloudfront.net",
+            "us-fips.example.com",
+            "-fips.example.com",
+            "a.b.c.example.com",
+            "a.b.example.com",
+            "example.com",
+            "example.org",
+            "x.example.net",
+            "a.b.example.org",
+            "com",
+            "x",
+        ];
+        for pattern in patterns {
+            let mut oracle = GlobSetBuilder::new();
+            let glob = match pattern.strip_prefix("*.") {
+                Some(rest) => format!("*/**/{}", rest.replace('.', "/")),
+                None => pattern.replace('.', "/"),
+            };
+            oracle.add(
+                GlobBuilder::new(&glob)
+                    .literal_separator(true)
+                    .build()
+                    .unwrap(),
+            );
+            let oracle = oracle.build().unwrap();
+            let set = RuleSet::new(vec![rule("r", &[pattern], &["443"], false)]).unwrap();
+            for host in hosts {
+                let expected = oracle.is_match(host.replace('.', "/"));
+                let got = matches!(set.check(host, 443), Verdict::Allowed(_));
+                assert_eq!(got, expected, "pattern {pattern:?}, host {host:?}");
+            }
         }
     }
 
