@@ -222,9 +222,19 @@ async fn authenticate(
     }
 }
 
-/// The CONNECT target as a validated, lowercased name and a port.
+/// The CONNECT target as a validated, lowercased name and a port. Only the authority form
+/// (`host:port`) is a CONNECT target (RFC 9110, 9.3.6); a URL with a scheme or path is a 400.
 fn target(request: &Request<Incoming>, entry: &mut Entry) -> Result<(String, u16), Reason> {
-    let authority = request.uri().authority().map_or("", |a| a.as_str());
+    let uri = request.uri();
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    if uri.scheme().is_some() || uri.path_and_query().is_some() {
+        let host = uri.host().unwrap_or("");
+        entry.host = host
+            .rsplit_once('@')
+            .map_or(host, |(_, h)| h)
+            .to_ascii_lowercase();
+        return Err(Reason::BadRequest);
+    }
     match rules::parse_authority(authority) {
         Ok((Host::Name(name), port)) => {
             entry.host = name.clone();
@@ -237,7 +247,9 @@ fn target(request: &Request<Incoming>, entry: &mut Entry) -> Result<(String, u16
             Err(Reason::IpLiteral)
         }
         Err(reason) => {
-            let raw = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+            // Whatever sat before an `@` may be credentials: never log it.
+            let raw = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+            let raw = raw.rsplit_once(':').map_or(raw, |(h, _)| h);
             entry.host = raw.to_ascii_lowercase();
             Err(reason)
         }

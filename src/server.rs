@@ -295,11 +295,16 @@ pub fn check_head(buf: &[u8]) -> Result<bool, ()> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(buf) {
-        Ok(httparse::Status::Complete(_)) => {
+        Ok(httparse::Status::Complete(length)) => {
+            // httparse tolerates bare LF line ends; hyper and this proxy's peers may not read
+            // the head the same way, so only CRLF heads are accepted.
+            if bare_lf(&buf[..length]) {
+                return Err(());
+            }
             // hyper parses the target as a URI; anything it would reject is ours to refuse.
             let target = request.path.unwrap_or("");
             target.parse::<hyper::Uri>().map_err(|_| ())?;
-            check_framing(request.method == Some("CONNECT"), request.headers)?;
+            check_framing(&request)?;
             Ok(true)
         }
         Ok(httparse::Status::Partial) => Ok(false),
@@ -307,26 +312,44 @@ pub fn check_head(buf: &[u8]) -> Result<bool, ()> {
     }
 }
 
+fn bare_lf(head: &[u8]) -> bool {
+    head.iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || head[i - 1] != b'\r'))
+}
+
 /// A CONNECT carries no body: the bytes after its head belong to the tunnel. So on a CONNECT
 /// any `Transfer-Encoding`, or a `Content-Length` other than a plain 0, is a confused client
-/// or a request-smuggling attempt. Other methods are answered 405 whatever their body, but a
-/// `Content-Length` that is not a number, or two that disagree, would make hyper answer with
-/// its own bare 400; those get ours.
-fn check_framing(connect: bool, headers: &[httparse::Header<'_>]) -> Result<(), ()> {
-    let mut length: Option<&[u8]> = None;
-    for header in headers {
-        if header.name.eq_ignore_ascii_case("transfer-encoding") && connect {
-            return Err(());
+/// or a request-smuggling attempt. Other methods are answered 405 whatever their body, but
+/// framing hyper would refuse (and answer with its own bare 400) gets our 400: a
+/// `Content-Length` that is not a number that fits in 64 bits, two that disagree, one beside a
+/// `Transfer-Encoding`, or a `Transfer-Encoding` other than a lone `chunked` on HTTP/1.1.
+fn check_framing(request: &httparse::Request<'_, '_>) -> Result<(), ()> {
+    let connect = request.method == Some("CONNECT");
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    for header in request.headers.iter() {
+        if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            let lone_chunked = header.value.eq_ignore_ascii_case(b"chunked");
+            if connect || chunked || !lone_chunked || request.version != Some(1) {
+                return Err(());
+            }
+            chunked = true;
         }
         if header.name.eq_ignore_ascii_case("content-length") {
-            let value = header.value;
-            let numeric = !value.is_empty() && value.iter().all(u8::is_ascii_digit);
-            let conflicting = length.is_some_and(|earlier| earlier != value);
-            if !numeric || conflicting || (connect && value != b"0") {
+            let value = std::str::from_utf8(header.value).map_err(|_| ())?;
+            if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(());
+            }
+            let value: u64 = value.parse().map_err(|_| ())?;
+            if length.is_some_and(|earlier| earlier != value) || (connect && value != 0) {
                 return Err(());
             }
             length = Some(value);
         }
+    }
+    if chunked && length.is_some() {
+        return Err(());
     }
     Ok(())
 }

@@ -191,7 +191,9 @@ impl<'a> Reader<'a> {
 }
 
 /// `Some(Some(name))`: SNI present; `Some(None)`: a well-formed hello without SNI;
-/// `None`: malformed.
+/// `None`: malformed, or ambiguous about its server name. TLS allows one `server_name`
+/// extension holding one `host_name`; a server that read a second one, or a name cut at a NUL,
+/// would route on another name than the one checked here, so anything else is refused.
 fn server_name(body: &[u8]) -> Option<Option<String>> {
     let mut hello = Reader(body);
     hello.take(2 + 32)?; // legacy_version, random
@@ -202,29 +204,35 @@ fn server_name(body: &[u8]) -> Option<Option<String>> {
         return Some(None); // no extensions at all
     }
     let mut extensions = Reader(hello.vec16()?);
+    let mut name = None;
     while !extensions.0.is_empty() {
         let kind = extensions.u16()?;
         let data = extensions.vec16()?;
         if kind == usize::from(SERVER_NAME) {
-            return host_name(data).map(Some);
+            if name.is_some() {
+                return None;
+            }
+            name = Some(host_name(data)?);
         }
     }
-    Some(None)
+    Some(name)
 }
 
-/// The first `host_name` entry of a server_name extension.
+/// The single `host_name` entry of a server_name extension, validated as a DNS name.
 fn host_name(data: &[u8]) -> Option<String> {
-    let mut list = Reader(Reader(data).vec16()?);
-    while !list.0.is_empty() {
-        let kind = list.u8()?;
-        let name = list.vec16()?;
-        if kind == 0 {
-            let name = std::str::from_utf8(name).ok()?;
-            let name = name.strip_suffix('.').unwrap_or(name);
-            return Some(name.to_ascii_lowercase());
-        }
+    let mut extension = Reader(data);
+    let mut list = Reader(extension.vec16()?);
+    if !extension.0.is_empty() || list.u8()? != 0 {
+        return None;
     }
-    None
+    let name = std::str::from_utf8(list.vec16()?).ok()?;
+    if !list.0.is_empty() {
+        return None;
+    }
+    match crate::rules::parse_host(name) {
+        Ok(crate::rules::Host::Name(name)) => Some(name),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
