@@ -9,9 +9,8 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 
-use std::collections::HashMap;
-
 use globset::{GlobBuilder, GlobMatcher};
+use rustc_hash::FxHashMap;
 
 use crate::error::Reason;
 use crate::sni::SniMode;
@@ -140,8 +139,12 @@ pub enum Verdict<'a> {
 pub struct RuleSet {
     rules: Vec<Rule>,
     patterns: Vec<Pattern>,
-    /// Trailing literal labels → indices into `patterns`.
-    by_suffix: HashMap<Box<str>, Vec<usize>>,
+    /// Trailing literal labels → indices into `patterns`. Keys come from the config, so a
+    /// fast non-keyed hash is safe: lookups cannot change the map's shape.
+    by_suffix: FxHashMap<Box<str>, Vec<usize>>,
+    /// Bit `k` set: some key of `by_suffix` has `k` labels (64 and more share bit 63). Hosts
+    /// are only looked up at those lengths.
+    suffix_lengths: u64,
     /// Patterns that end in a wildcard label, so have no literal suffix: always compared.
     unindexed: Vec<usize>,
 }
@@ -240,7 +243,8 @@ impl RuleSet {
     /// Compiles the rules. Patterns must already have passed [`validate_pattern`].
     pub fn new(rules: Vec<Rule>) -> Result<RuleSet, String> {
         let mut patterns = Vec::new();
-        let mut by_suffix: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        let mut by_suffix: FxHashMap<Box<str>, Vec<usize>> = FxHashMap::default();
+        let mut suffix_lengths = 0u64;
         let mut unindexed = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
             for domain in &rule.domains {
@@ -250,6 +254,7 @@ impl RuleSet {
                 if suffix.is_empty() {
                     unindexed.push(patterns.len());
                 } else {
+                    suffix_lengths |= length_bit(suffix.split('.').count());
                     by_suffix
                         .entry(suffix.into_boxed_str())
                         .or_default()
@@ -262,6 +267,7 @@ impl RuleSet {
             rules,
             patterns,
             by_suffix,
+            suffix_lengths,
             unindexed,
         })
     }
@@ -274,9 +280,12 @@ impl RuleSet {
     /// rules whose patterns match, the first in config order that allows the port wins.
     pub fn check(&self, host: &str, port: u16) -> Verdict<'_> {
         let host_labels = host.bytes().filter(|&b| b == b'.').count() + 1;
-        let suffixes = std::iter::once(0)
-            .chain(host.match_indices('.').map(|(dot, _)| dot + 1))
-            .filter_map(|start| self.by_suffix.get(&host[start..]));
+        // Suffix starts, right to left, each with its label count.
+        let starts = host.rmatch_indices('.').map(|(dot, _)| dot + 1).chain([0]);
+        let suffixes = starts
+            .zip(1..)
+            .filter(|&(_, labels)| self.suffix_lengths & length_bit(labels) != 0)
+            .filter_map(|(start, _)| self.by_suffix.get(&host[start..]));
         let candidates = suffixes.flatten().chain(&self.unindexed);
         let mut first_match: Option<usize> = None;
         let mut first_allowed: Option<usize> = None;
@@ -297,6 +306,10 @@ impl RuleSet {
             (None, None) => Verdict::NoRule,
         }
     }
+}
+
+fn length_bit(labels: usize) -> u64 {
+    1 << labels.min(63)
 }
 
 /// Checks a domain pattern from the config; returns it lowercased.
