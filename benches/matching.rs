@@ -86,6 +86,10 @@ fn bench_default_profile(c: &mut Criterion) {
             b.iter(|| decide(rules, black_box(host), black_box(port)))
         });
     }
+    let gateway = DEFAULT_PROFILE_HOSTS[0].1;
+    group.bench_function("check_only/gateway", |b| {
+        b.iter(|| rules.check(black_box(gateway), black_box(443)))
+    });
     group.bench_function("parse_host_only/gateway", |b| {
         b.iter(|| rules::parse_host(black_box(DEFAULT_PROFILE_HOSTS[0].1)))
     });
@@ -133,11 +137,16 @@ fn bench_many_rules(c: &mut Criterion) {
             b.iter(|| decide(&rules, black_box(host), black_box(*port)))
         });
     }
+    for (label, host, port) in &hosts[..1] {
+        group.bench_function(format!("check_only/{label}"), |b| {
+            b.iter(|| rules.check(black_box(host), black_box(*port)))
+        });
+    }
     group.finish();
 
     let mut group = c.benchmark_group("rules_10000_compile");
     group.sample_size(10);
-    group.measurement_time(Duration::from_secs(10));
+    group.measurement_time(Duration::from_secs(3));
     group.bench_function("Config::parse", |b| {
         b.iter(|| parse_rules(black_box(&text)))
     });

@@ -3,7 +3,7 @@
 # connection, on loopback, in a private network namespace, with names resolved by a local
 # dnsmasq. Writes benches/RESULTS.md (benches/RESULTS.quick.md with --quick).
 #
-#   benches/run.sh                 # the full benchmark (3 runs, medians; about 10 minutes)
+#   benches/run.sh                 # the full benchmark (3 runs, medians; about 15 minutes)
 #   benches/run.sh --quick         # a smoke test (1 short run; under 2 minutes once built)
 #   benches/run.sh --runs 5 --duration 5 --idle 10000 --out /tmp/r.md
 #
@@ -21,6 +21,8 @@ WARMUP=""
 IDLE=""
 OUT=""
 MICRO=1
+DISK_LOGS=0
+FIGURES=setup,bulk,idle
 usage() {
     sed -n '2,12p' "$SELF" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
@@ -32,6 +34,8 @@ Options:
   --idle N         idle tunnels for the RSS figure (default 10000; quick 2000)
   --out FILE       report path (default benches/RESULTS.md; quick benches/RESULTS.quick.md)
   --no-micro       skip the criterion micro-benchmarks
+  --disk-logs      keep the proxies' logs on disk instead of a private tmpfs
+  --figures LIST   only some figure groups, e.g. idle (default setup,bulk,idle)
 EOF
 }
 while [ $# -gt 0 ]; do
@@ -43,6 +47,8 @@ while [ $# -gt 0 ]; do
         --idle) IDLE=$2; shift ;;
         --out) OUT=$2; shift ;;
         --no-micro) MICRO=0 ;;
+        --disk-logs) DISK_LOGS=1 ;;
+        --figures) FIGURES=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -71,16 +77,31 @@ if [ "${PORTCULLIS_BENCH_INNER:-}" = 1 ]; then
     # tinyproxy asks the C library; inside this mount namespace the C library asks dnsmasq.
     echo "nameserver 127.0.0.53" > "$BENCH_WORK/resolv.conf"
     mount --bind "$BENCH_WORK/resolv.conf" /etc/resolv.conf
+    # Configs and logs on a tmpfs private to this namespace: tinyproxy fsync()s its log after
+    # every line, and on a disk that alone costs milliseconds per tunnel; the figures should be
+    # the proxies', not the disk's. (--disk-logs keeps them on disk to show that.)
+    mkdir -p "$BENCH_WORK/run"
+    if [ "$BENCH_DISK_LOGS" != 1 ]; then
+        mount -t tmpfs -o size=8g,mode=755 portcullis-bench "$BENCH_WORK/run"
+    fi
+    set +e
     "$BENCH_EXE" run \
-        --work "$BENCH_WORK" \
+        --work "$BENCH_WORK/run" \
         --portcullis "$BENCH_PORTCULLIS" \
         --out "$OUT" \
         --runs "$RUNS" --duration "$DURATION" --warmup "$WARMUP" --idle "$IDLE" \
         --criterion "$BENCH_CRITERION" --criterion-since "$BENCH_SINCE" \
         --portcullis-version "$BENCH_VERSION" \
+        --figures "$FIGURES" \
         --command "$BENCH_COMMAND" \
         $( [ "$QUICK" = 1 ] && echo --quick )
-    exit $?
+    status=$?
+    if [ $status -ne 0 ]; then
+        # The tmpfs goes with the namespace: keep what explains the failure.
+        mkdir -p "$BENCH_WORK/failed"
+        (cd "$BENCH_WORK/run" && find . -type f -size -20M -exec cp --parents {} "$BENCH_WORK/failed/" \;)
+    fi
+    exit $status
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -113,7 +134,7 @@ cd "$ROOT"
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 echo "run.sh: building portcullis (release) and the load generator" >&2
 cargo build --release --bin portcullis
-EXE=$(cargo bench --bench proxybench --no-run --message-format=json 2>/dev/null \
+EXE=$(cargo bench --bench proxybench --no-run --message-format=json \
     | grep -o '"executable":"[^"]*proxybench[^"]*"' | tail -n1 | cut -d'"' -f4)
 if [ -z "$EXE" ] || [ ! -x "$EXE" ]; then
     cargo bench --bench proxybench --no-run   # show the error
@@ -142,19 +163,21 @@ trap 'rm -rf "$WORK"' EXIT
 VERSION=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
 COMMAND="benches/run.sh"
 [ "$QUICK" = 1 ] && COMMAND="$COMMAND --quick"
+[ "$DISK_LOGS" = 1 ] && COMMAND="$COMMAND --disk-logs"
 
 echo "run.sh: running in a private loopback-only namespace; report: $OUT" >&2
 set +e
 env PORTCULLIS_BENCH_INNER=1 BENCH_WORK="$WORK" BENCH_EXE="$EXE" \
     BENCH_PORTCULLIS="$TARGET_DIR/release/portcullis" BENCH_CRITERION="$TARGET_DIR/criterion" \
     BENCH_SINCE="$SINCE" BENCH_VERSION="$VERSION" BENCH_COMMAND="$COMMAND" \
+    BENCH_DISK_LOGS="$DISK_LOGS" \
     unshare --net --mount --pid --fork --mount-proc --propagation private \
     bash "$SELF" $( [ "$QUICK" = 1 ] && echo --quick ) --runs "$RUNS" --duration "$DURATION" \
-        --warmup "$WARMUP" --idle "$IDLE" --out "$OUT"
+        --warmup "$WARMUP" --idle "$IDLE" --out "$OUT" --figures "$FIGURES"
 status=$?
 set -e
 if [ $status -ne 0 ]; then
-    echo "run.sh: the benchmark failed (exit $status); logs were in $WORK" >&2
+    echo "run.sh: the benchmark failed (exit $status); configs and logs: $WORK/failed" >&2
     trap - EXIT
     exit $status
 fi

@@ -396,12 +396,15 @@ pub async fn idle(target: &Target, pid: u32, want: usize) -> io::Result<Idle> {
     let mut held = open_many(target, PROBE.min(want)).await?;
     let fds_probe = procfs::fd_count(pid);
     let fds_each = (fds_probe.saturating_sub(fds_before) as f64 / held.len() as f64).max(1.0);
+    // Stay well inside the limits: a proxy at its last descriptors fails in ways that say
+    // nothing about memory (Squid stops accepting, tinyproxy cannot open a DNS socket).
+    let usable = |limit: u64| limit as f64 * 0.85;
     let proxy_room = procfs::nofile_limit(&pid.to_string()).map_or(usize::MAX, |limit| {
-        ((limit as f64 - fds_probe as f64 - 64.0) / fds_each).max(0.0) as usize
+        ((usable(limit) - fds_probe as f64) / fds_each).max(0.0) as usize
     });
     let own_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
     let own_room = procfs::nofile_limit("self").map_or(usize::MAX, |limit| {
-        (limit as usize).saturating_sub(own_fds + 64)
+        (usable(limit) - own_fds as f64).max(0.0) as usize
     });
     let mut count = want;
     let mut limited_by = None;

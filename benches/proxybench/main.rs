@@ -75,6 +75,9 @@ pub struct RunArgs {
     /// Only criterion results written after this Unix time are quoted.
     #[arg(long, default_value_t = 0)]
     criterion_since: u64,
+    /// Which figure groups to measure (for debugging the harness; a report wants all three).
+    #[arg(long, value_delimiter = ',', default_value = "setup,bulk,idle")]
+    figures: Vec<String>,
     /// Marks the report as a smoke test.
     #[arg(long)]
     quick: bool,
@@ -182,7 +185,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // rotates between runs, so drifting background load hits every peer alike.
         let order: Vec<usize> = (0..peers.len()).map(|i| (i + rep) % peers.len()).collect();
         let tag = format!("run {}/{}", rep + 1, args.runs);
-        for &c in &args.concurrency {
+        let wants = |group: &str| args.figures.iter().any(|f| f == group);
+        let concurrency: &[usize] = if wants("setup") {
+            &args.concurrency
+        } else {
+            &[]
+        };
+        for &c in concurrency {
             for &i in &order {
                 let peer = &peers[i];
                 let meter = Meter {
@@ -218,7 +227,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        for (direction, tunnels) in BULK {
+        let bulk: &[(Direction, usize)] = if wants("bulk") { &BULK } else { &[] };
+        for &(direction, tunnels) in bulk {
             for &i in &order {
                 let peer = &peers[i];
                 if !peer.kind.in_full_suite() {
@@ -271,7 +281,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         for &i in &order {
             let peer = &mut peers[i];
-            if !peer.kind.in_full_suite() || peer.kind == Kind::Direct {
+            if !wants("idle") || !peer.kind.in_full_suite() || peer.kind == Kind::Direct {
                 continue;
             }
             let name = peer.kind.name();

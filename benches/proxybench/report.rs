@@ -665,7 +665,9 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
          `[destinations] allow = [\"127.0.0.0/8\"]` because the origins are on loopback). The \
          origins listen on port 443 of 127.0.0.1-3.\n\
          - Every proxy logs each request: Squid's `access_log`, tinyproxy's `LogLevel Connect`, \
-         portcullis' JSON access log. Logs are truncated between runs.\n\
+         portcullis' JSON access log. Logs are truncated between runs and, unless the command \
+         says `--disk-logs`, live on a tmpfs private to the namespace: tinyproxy `fsync()`s its \
+         log after every line, which on a disk alone costs milliseconds per tunnel.\n\
          - The load generator (a tokio client, 2 worker threads) and the origin (its own process) \
          share the machine's cores with the proxy under test; the idle peers sit idle. CPU \
          figures are the proxy's own, from `/proc`.\n\
