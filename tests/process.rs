@@ -23,8 +23,16 @@ struct Running {
 
 impl Running {
     fn start(config: &Path) -> Running {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("--config")
+        Running::start_with_fd_limit(config, None)
+    }
+
+    /// With `Some(n)`, the proxy runs under `ulimit -n n`.
+    fn start_with_fd_limit(config: &Path, fds: Option<u32>) -> Running {
+        let limit = fds.map_or(String::new(), |n| format!("ulimit -n {n}; "));
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{limit}exec \"$0\" --config \"$1\""))
+            .arg(env!("CARGO_BIN_EXE_portcullis"))
             .arg(config)
             .env("PORTCULLIS_LOG", "info")
             .stdout(Stdio::piped())
@@ -295,4 +303,58 @@ async fn passwords_never_reach_the_log() {
     for secret in ["Tr0ub4dor", "WrongPassw0rd", "YWxpY2U6"] {
         assert!(!log.contains(secret), "{secret} leaked into the log");
     }
+}
+
+/// CPU time (user + system) of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_backs_off_and_recovers() {
+    let dns = TestDns::start().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    dns.set("gw.example.test", &lo(), 60);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("portcullis.toml");
+    write_config(&path, dns.addr, rule("gw.example.test", port), false);
+    let running = Running::start_with_fd_limit(&path, Some(64));
+    // Hold more connections than the proxy has descriptors: accept(2) starts failing with
+    // EMFILE while the backlog keeps the listener readable, the classic busy loop.
+    let mut held = Vec::new();
+    for _ in 0..100 {
+        held.push(tokio::net::TcpStream::connect(running.proxy).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_ticks(running.child.id());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_ticks(running.child.id()) - before;
+    assert!(
+        spent < 30,
+        "the accept loop spun: {spent} ticks of CPU in 2 s"
+    );
+    let (_, metrics) = http_get(running.admin, "/metrics").await;
+    let errors = support::metric_value(
+        &metrics,
+        "portcullis_connections_rejected_total{reason=\"accept_error\"}",
+    );
+    assert!(errors >= 1.0, "accept errors are counted: {errors}");
+    drop(held);
+    let recovered = support::eventually(Duration::from_secs(15), || async {
+        connect(running.proxy, &format!("gw.example.test:{port}"))
+            .await
+            .0
+            .status
+            == 200
+    })
+    .await;
+    assert!(recovered, "serves again once descriptors are free");
 }

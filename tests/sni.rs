@@ -231,3 +231,59 @@ async fn pipelined_hello_behind_the_connect_head_is_checked_and_forwarded() {
         .unwrap();
     assert_eq!(got, hello);
 }
+
+/// A real TLS client (rustls) through the proxy to a real HTTPS origin: the right server name
+/// gets through; another allowed name, or no name at all, is cut before the handshake ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rustls_clients_with_matching_mismatching_and_missing_sni() {
+    use rustls::pki_types::ServerName;
+    use tokio_rustls::TlsConnector;
+
+    let origin_ip = "127.0.0.131";
+    let _origin = support::web::WebOrigin::start(origin_ip).await;
+    let proxy = start(Setup {
+        sni: "enforce",
+        ..Setup::default()
+    })
+    .await;
+    let gateway = support::tls::GATEWAY;
+    proxy.dns.set(gateway, &[origin_ip.parse().unwrap()], 60);
+    let ca = support::tls::ca();
+    let tunnel = || async {
+        let (reply, stream) = connect(proxy.addr, &format!("{gateway}:443")).await;
+        assert_eq!(reply.status, 200);
+        stream
+    };
+    let mut tls = ca.connect(gateway, tunnel().await).await;
+    tls.write_all(
+        b"GET /hello HTTP/1.1\r\nHost: gw1.amazonappstream.com\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut response = Vec::new();
+    tls.read_to_end(&mut response).await.unwrap();
+    assert!(
+        response.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+
+    // The certificate is valid for the CloudFront name too, so only the proxy can stop this.
+    let connector = TlsConnector::from(ca.client_config());
+    let fronted = ServerName::try_from(support::tls::CLOUDFRONT).unwrap();
+    let handshake = connector.connect(fronted, tunnel().await).await;
+    assert!(handshake.is_err(), "a fronted handshake must not complete");
+    // An IP address as server name: rustls sends no SNI at all.
+    let no_sni = ServerName::IpAddress("127.0.0.131".parse::<IpAddr>().unwrap().into());
+    let handshake = connector.connect(no_sni, tunnel().await).await;
+    assert!(
+        handshake.is_err(),
+        "a handshake without SNI must not complete"
+    );
+    let denied = proxy
+        .metric(&format!(
+            "portcullis_requests_total{{domain=\"{gateway}\",outcome=\"denied\",reason=\"sni_mismatch\",rule=\"appstream-gateway\"}}"
+        ))
+        .await;
+    assert_eq!(denied, 2.0);
+}
