@@ -210,11 +210,43 @@ fn bench_destination(c: &mut Criterion) {
     group.finish();
 }
 
+/// `require_ip_ranges` with 10,000 published prefixes (about the size of AWS's real file):
+/// one lookup for an address inside a prefix, one outside.
+fn bench_ip_ranges(c: &mut Criterion) {
+    let mut prefixes = Vec::with_capacity(10_000);
+    for i in 0..10_000u32 {
+        // Spread /24s over 3.0.0.0 - 54.x, every other one CLOUDFRONT.
+        let net = 0x0300_0000u32 + i * 0x0001_4100;
+        let service = if i % 2 == 0 { "CLOUDFRONT" } else { "AMAZON" };
+        prefixes.push(format!(
+            "{{\"ip_prefix\": \"{}/24\", \"region\": \"GLOBAL\", \"service\": \"{service}\"}}",
+            std::net::Ipv4Addr::from(net)
+        ));
+    }
+    let json = format!(
+        "{{\"syncToken\": \"1\", \"createDate\": \"2026-11-23-00-00-00\", \"prefixes\": [{}]}}",
+        prefixes.join(",")
+    );
+    let ranges = portcullis::ip_ranges::IpRanges::parse(&json).expect("generated file parses");
+    let services = ["CLOUDFRONT".to_string()];
+    let inside: IpAddr = std::net::Ipv4Addr::from(0x0300_0000u32 + 5000 * 0x0001_4100 + 7).into();
+    let outside: IpAddr = "203.0.113.9".parse().unwrap();
+    let mut group = c.benchmark_group("ip_ranges_10000");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("inside", |b| {
+        b.iter(|| ranges.contains(black_box(&services), black_box(inside)))
+    });
+    group.bench_function("outside", |b| {
+        b.iter(|| ranges.contains(black_box(&services), black_box(outside)))
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_default_profile, bench_many_rules, bench_destination
+    targets = bench_default_profile, bench_many_rules, bench_destination, bench_ip_ranges
 }
 criterion_main!(benches);

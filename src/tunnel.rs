@@ -101,8 +101,13 @@ pub async fn relay(
 ) -> Totals {
     let meter = Meter::new(counters);
     let up = async {
-        write_all(&upstream, &early).await?;
-        meter.upstream().moved(early.len());
+        // Moved in and dropped once sent: the buffer behind the early bytes (the ClientHello
+        // read for the SNI check) must not stay allocated for the life of an idle tunnel.
+        {
+            let early = early;
+            write_all(&upstream, &early).await?;
+            meter.upstream().moved(early.len());
+        }
         forward(mode, &client, &upstream, meter.upstream()).await
     };
     let down = forward(mode, &upstream, &client, meter.downstream());
@@ -146,8 +151,11 @@ where
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut origin_read, mut origin_write) = upstream.split();
     let up = async {
-        origin_write.write_all(&early).await?;
-        meter.upstream().moved(early.len());
+        {
+            let early = early;
+            origin_write.write_all(&early).await?;
+            meter.upstream().moved(early.len());
+        }
         pump(&mut client_read, &mut origin_write, meter.upstream()).await
     };
     let down = pump(&mut origin_read, &mut client_write, meter.downstream());
