@@ -101,6 +101,35 @@ fn wait_for(lines: &Mutex<Vec<String>>, needle: &str) -> String {
     panic!("no log line with {needle:?}: {:?}", lines.lock().unwrap());
 }
 
+/// What every test of the binary starts from: a DNS server answering `names` with
+/// 127.0.0.1, an echo origin there, and a directory for the config file.
+struct World {
+    dns: TestDns,
+    _origin: Origin,
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+    port: u16,
+}
+
+impl World {
+    async fn new(names: &[&str]) -> World {
+        let dns = TestDns::start().await;
+        let origin = Origin::echo().await;
+        for name in names {
+            dns.set(name, &lo(), 60);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("portcullis.toml");
+        World {
+            port: origin.addr.port(),
+            dns,
+            _origin: origin,
+            dir,
+            path,
+        }
+    }
+}
+
 fn lo() -> Vec<IpAddr> {
     vec!["127.0.0.1".parse().unwrap()]
 }
@@ -124,13 +153,13 @@ fn rule(host: &str, port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
-    let dns = TestDns::start().await;
-    let origin = Origin::echo().await;
-    let port = origin.addr.port();
-    dns.set("old.example.test", &lo(), 60);
-    dns.set("new.example.test", &lo(), 60);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("portcullis.toml");
+    let World {
+        dns,
+        _origin,
+        dir: _dir,
+        path,
+        port,
+    } = World::new(&["old.example.test", "new.example.test"]).await;
     write_config(&path, dns.addr, rule("old.example.test", port), false);
     let running = Running::start(&path);
     let (reply, mut open) = connect(running.proxy, &format!("old.example.test:{port}")).await;
@@ -186,12 +215,13 @@ async fn sighup_reloads_and_a_bad_file_keeps_the_old_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_config_reloads_on_change() {
-    let dns = TestDns::start().await;
-    let origin = Origin::echo().await;
-    let port = origin.addr.port();
-    dns.set("new.example.test", &lo(), 60);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("portcullis.toml");
+    let World {
+        dns,
+        _origin,
+        dir,
+        path,
+        port,
+    } = World::new(&["new.example.test"]).await;
     write_config(&path, dns.addr, rule("old.example.test", port), true);
     let running = Running::start(&path);
     assert_eq!(
@@ -217,12 +247,13 @@ async fn watch_config_reloads_on_change() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_open_tunnels_then_exits_zero() {
-    let dns = TestDns::start().await;
-    let origin = Origin::echo().await;
-    let port = origin.addr.port();
-    dns.set("gw.example.test", &lo(), 60);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("portcullis.toml");
+    let World {
+        dns,
+        _origin,
+        dir: _dir,
+        path,
+        port,
+    } = World::new(&["gw.example.test"]).await;
     write_config(&path, dns.addr, rule("gw.example.test", port), false);
     let mut running = Running::start(&path);
     let (reply, mut open) = connect(running.proxy, &format!("gw.example.test:{port}")).await;
@@ -248,12 +279,13 @@ async fn sigterm_drains_open_tunnels_then_exits_zero() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
-    let dns = TestDns::start().await;
-    let origin = Origin::echo().await;
-    let port = origin.addr.port();
-    dns.set("gw.example.test", &lo(), 60);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("portcullis.toml");
+    let World {
+        dns,
+        _origin,
+        dir: _dir,
+        path,
+        port,
+    } = World::new(&["gw.example.test"]).await;
     write_config(&path, dns.addr, rule("gw.example.test", port), false);
     let mut running = Running::start(&path);
     let (_, _open) = connect(running.proxy, &format!("gw.example.test:{port}")).await;
@@ -319,12 +351,13 @@ fn cpu_ticks(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_out_of_file_descriptors_backs_off_and_recovers() {
-    let dns = TestDns::start().await;
-    let origin = Origin::echo().await;
-    let port = origin.addr.port();
-    dns.set("gw.example.test", &lo(), 60);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("portcullis.toml");
+    let World {
+        dns,
+        _origin,
+        dir: _dir,
+        path,
+        port,
+    } = World::new(&["gw.example.test"]).await;
     write_config(&path, dns.addr, rule("gw.example.test", port), false);
     let running = Running::start_with_fd_limit(&path, Some(64));
     // Hold more connections than the proxy has descriptors: accept(2) starts failing with
