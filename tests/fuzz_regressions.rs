@@ -323,3 +323,32 @@ fn finding_1_content_length_over_u64_on_other_methods() {
           Content-Length: 99999999999999999999\r\n\r\n",
     );
 }
+
+/// Finding 2 (the `request_head` oracle on the boundary of the fix for finding 1, at
+/// 03fb0d0): a `Content-Length` of 2^64 - 1 or 2^64 - 2 fits in a u64, so `check_framing`
+/// passes it on a method other than CONNECT, but hyper takes lengths up to 2^64 - 3 only
+/// (`DecodedLength::MAX_LEN`) and answers its bare 400 without `Proxy-Status`.
+#[test]
+fn finding_2_content_length_u64_max_on_other_methods() {
+    oracles::request_head(
+        b"POST http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\
+          Content-Length: 18446744073709551615\r\n\r\n",
+    );
+}
+
+#[test]
+fn finding_2_content_length_u64_max_minus_1_on_other_methods() {
+    oracles::request_head(
+        b"POST http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\
+          Content-Length: 18446744073709551614\r\n\r\n",
+    );
+}
+
+/// The largest length hyper takes: accepted by both.
+#[test]
+fn content_length_u64_max_minus_2_is_fine() {
+    oracles::request_head(
+        b"POST http://a.example/ HTTP/1.1\r\nHost: a.example\r\n\
+          Content-Length: 18446744073709551613\r\n\r\n",
+    );
+}

@@ -356,6 +356,7 @@ async fn other_methods_with_hostile_framing_get_proxy_status() {
         "GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
         "POST http://a.example/ HTTP/1.0\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
         "POST http://a.example/ HTTP/1.1\r\nHost: a.example\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        "POST http://a.example/ HTTP/1.1\r\nHost: a.example\r\nContent-Length: 18446744073709551615\r\n\r\n",
         "POST http://a.example/ HTTP/1.1\r\nHost: a.example\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
         "GET http://a.example/ HTTP/1.1\r\nHost: a.example\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
     ] {
