@@ -23,6 +23,8 @@ OUT=""
 MICRO=1
 DISK_LOGS=0
 FIGURES=setup,bulk,idle
+PEERS=direct,squid,tinyproxy,portcullis,portcullis-nolog
+CONCURRENCY=1,16,64,256
 usage() {
     sed -n '2,12p' "$SELF" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
@@ -36,6 +38,8 @@ Options:
   --no-micro       skip the criterion micro-benchmarks
   --disk-logs      keep the proxies' logs on disk instead of a private tmpfs
   --figures LIST   only some figure groups, e.g. idle (default setup,bulk,idle)
+  --concurrency L  set-up concurrency levels (default 1,16,64,256)
+  --peers LIST     only some peers, e.g. direct,portcullis (for investigating; default all)
 EOF
 }
 while [ $# -gt 0 ]; do
@@ -49,6 +53,8 @@ while [ $# -gt 0 ]; do
         --no-micro) MICRO=0 ;;
         --disk-logs) DISK_LOGS=1 ;;
         --figures) FIGURES=$2; shift ;;
+        --peers) PEERS=$2; shift ;;
+        --concurrency) CONCURRENCY=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -93,6 +99,7 @@ if [ "${PORTCULLIS_BENCH_INNER:-}" = 1 ]; then
         --criterion "$BENCH_CRITERION" --criterion-since "$BENCH_SINCE" \
         --portcullis-version "$BENCH_VERSION" \
         --figures "$FIGURES" \
+        --peers "$PEERS" --concurrency "$CONCURRENCY" \
         --command "$BENCH_COMMAND" \
         $( [ "$QUICK" = 1 ] && echo --quick )
     status=$?
@@ -173,7 +180,8 @@ env PORTCULLIS_BENCH_INNER=1 BENCH_WORK="$WORK" BENCH_EXE="$EXE" \
     BENCH_DISK_LOGS="$DISK_LOGS" \
     unshare --net --mount --pid --fork --mount-proc --propagation private \
     bash "$SELF" $( [ "$QUICK" = 1 ] && echo --quick ) --runs "$RUNS" --duration "$DURATION" \
-        --warmup "$WARMUP" --idle "$IDLE" --out "$OUT" --figures "$FIGURES"
+        --warmup "$WARMUP" --idle "$IDLE" --out "$OUT" --figures "$FIGURES" --peers "$PEERS" \
+        --concurrency "$CONCURRENCY"
 status=$?
 set -e
 if [ $status -ne 0 ]; then

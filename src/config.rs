@@ -70,6 +70,8 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Reload when the config file changes (a Kubernetes ConfigMap update), as on SIGHUP.
     pub watch_config: bool,
+    /// Event-loop threads; 0 means one per CPU core the process may use. Read at start only.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -252,6 +254,7 @@ struct RawProxy {
     idle_timeout: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
     watch_config: Option<bool>,
+    workers: Option<Spanned<i64>>,
     #[serde(default)]
     tls: Vec<RawTls>,
 }
@@ -409,6 +412,12 @@ impl RawProxy {
         let max_connections = self.max_connections.as_ref().map_or(Some(10_000), |v| {
             p.check(v, |&n| positive(n, "max_connections"))
         });
+        let workers = self.workers.as_ref().map_or(Some(0), |v| {
+            p.check(v, |&n| match non_negative(n, "workers")? {
+                n if n <= MAX_WORKERS => Ok(n),
+                _ => Err(format!("workers must be at most {MAX_WORKERS}")),
+            })
+        });
         let mut duration = |value: &Option<Spanned<String>>, default: u64| {
             value
                 .as_ref()
@@ -425,6 +434,7 @@ impl RawProxy {
             tls,
             max_connections: max_connections?,
             watch_config: self.watch_config.unwrap_or(false),
+            workers: workers?,
         })
     }
 }
@@ -642,6 +652,9 @@ fn host_key(name: &str) -> Result<String, String> {
         _ => Err(format!("[dns] hosts: {name:?} is not a host name")),
     }
 }
+
+/// More event loops than this is a typo, not a machine.
+const MAX_WORKERS: usize = 1024;
 
 fn positive(n: i64, key: &str) -> Result<usize, String> {
     if n >= 1 {

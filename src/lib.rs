@@ -21,6 +21,7 @@
 //! - [`reload`]: SIGHUP and config-file watching.
 //! - [`prefixed`]: the client's stream (TCP or TLS) with already-read bytes put back in front.
 //! - [`tls`]: TLS for the proxy's own listeners, with optional client certificates.
+//! - [`workers`]: one single-threaded event loop per core, each accepting on its own socket.
 //!
 //! `main.rs` is a thin shell over [`Proxy`]; tests drive the same [`Proxy::run`] with
 //! listeners bound on port 0.
@@ -45,9 +46,11 @@ pub mod sni;
 pub mod state;
 pub mod tls;
 pub mod tunnel;
+pub mod workers;
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,21 +71,23 @@ pub struct Listeners {
 }
 
 impl Listeners {
-    /// Binds what the config names.
+    /// Binds what the config names. Proxy listeners are bound so that every worker can have
+    /// a socket of its own on the same port (see [`workers`]).
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
+        let reusable = |addr: SocketAddr, what: &str| {
+            workers::bind(addr)
+                .and_then(TcpListener::from_std)
+                .map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on {addr}{what}: {e}"))
+                })
+        };
         let mut proxy = Vec::new();
-        for addr in &config.proxy.listen {
-            let listener = TcpListener::bind(addr)
-                .await
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
-            proxy.push(listener);
+        for &addr in &config.proxy.listen {
+            proxy.push(reusable(addr, "")?);
         }
         let mut tls = Vec::new();
         for listener in &config.proxy.tls {
-            let addr = listener.listen;
-            tls.push(TcpListener::bind(addr).await.map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {addr} (tls): {e}"))
-            })?);
+            tls.push(reusable(listener.listen, " (tls)")?);
         }
         let admin = match config.admin.listen {
             Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
@@ -121,6 +126,9 @@ impl Proxy {
                 {
                     tracing::warn!("listen addresses changed; they take effect on restart");
                 }
+                if old.config.proxy.workers != runtime.config.proxy.workers {
+                    tracing::warn!("workers changed; it takes effect on restart");
+                }
                 self.shared.install(runtime);
                 tracing::info!("config reloaded");
                 Ok(())
@@ -138,6 +146,9 @@ impl Proxy {
 
     /// Serves until `shutdown` resolves, then drains: stops accepting, turns `/readyz` to 503,
     /// gives open tunnels up to `drain_timeout`, and closes what is left.
+    ///
+    /// The caller's runtime is worker 0; `[proxy] workers` minus one more threads are started,
+    /// each with its own event loop (see [`workers`]).
     pub async fn run(&self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
         let stop_accepting = CancellationToken::new();
         let stop_admin = CancellationToken::new();
@@ -147,10 +158,12 @@ impl Proxy {
             .into_iter()
             .enumerate()
             .map(|(i, l)| (l, Some(i)));
-        for (listener, tls) in plain.chain(tls) {
+        let accepting: Vec<_> = plain.chain(tls).collect();
+        let others = self.start_workers(&accepting, &stop_accepting);
+        for (listener, tls) in accepting {
             tokio::spawn(server::accept_loop(
                 listener,
-                tls,
+                server::Listener { tls, worker: 0 },
                 self.shared.clone(),
                 stop_accepting.clone(),
             ));
@@ -164,7 +177,35 @@ impl Proxy {
         }
         shutdown.await;
         self.drain(stop_accepting).await;
+        for worker in others {
+            worker.finished(Duration::from_secs(5)).await;
+        }
         stop_admin.cancel();
+    }
+
+    /// Workers 1 and up. One that cannot start is logged and the rest serve without it.
+    fn start_workers(
+        &self,
+        listeners: &[(TcpListener, Option<usize>)],
+        stop_accepting: &CancellationToken,
+    ) -> Vec<workers::Worker> {
+        let count = workers::count(self.shared.runtime().config.proxy.workers);
+        let mut started = Vec::new();
+        for index in 1..count {
+            match workers::Worker::spawn(
+                index,
+                listeners,
+                self.shared.clone(),
+                stop_accepting.clone(),
+            ) {
+                Ok(worker) => started.push(worker),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start worker {index}; serving with {index}");
+                    break;
+                }
+            }
+        }
+        started
     }
 
     async fn drain(&self, stop_accepting: CancellationToken) {

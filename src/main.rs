@@ -59,7 +59,8 @@ fn main() -> ExitCode {
         }
     };
     let _log_guard = init_logging(args.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Worker 0: the other workers get runtimes of their own (see `portcullis::workers`).
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("the tokio runtime starts");

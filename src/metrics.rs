@@ -45,6 +45,7 @@ pub struct Metrics {
     upstream_connect: HistogramVec,
     dns_lookups: IntCounterVec,
     connections_rejected: IntCounterVec,
+    connections_accepted: IntCounterVec,
     config_reloads: IntCounterVec,
     /// Handles per allowed domain label (including `_other`).
     domains: DashMap<String, Arc<DomainMetrics>>,
@@ -110,6 +111,14 @@ impl Metrics {
             &["reason"],
         )
         .expect("valid metric");
+        let connections_accepted = IntCounterVec::new(
+            Opts::new(
+                "connections_accepted_total",
+                "Client connections accepted, by worker thread",
+            ),
+            &["worker"],
+        )
+        .expect("valid metric");
         let config_reloads = IntCounterVec::new(
             Opts::new("config_reloads_total", "Config reloads by result"),
             &["result"],
@@ -131,6 +140,7 @@ impl Metrics {
             Box::new(upstream_connect.clone()),
             Box::new(dns_lookups.clone()),
             Box::new(connections_rejected.clone()),
+            Box::new(connections_accepted.clone()),
             Box::new(config_reloads.clone()),
             Box::new(build_info),
         ] {
@@ -147,6 +157,7 @@ impl Metrics {
             upstream_connect,
             dns_lookups,
             connections_rejected,
+            connections_accepted,
             config_reloads,
             domains: DashMap::new(),
             max_domains: AtomicUsize::new(max_domains),
@@ -235,6 +246,12 @@ impl Metrics {
 
     pub fn dns_lookup(&self, cache: &str, result: &str) {
         self.dns_lookups.with_label_values(&[cache, result]).inc();
+    }
+
+    /// The accepted-connections counter of one worker; the accept loop holds it.
+    pub fn accepted(&self, worker: usize) -> IntCounter {
+        self.connections_accepted
+            .with_label_values(&[&worker.to_string()])
     }
 
     pub fn connection_rejected(&self, reason: &str) {

@@ -57,19 +57,36 @@ fn parse_port(port: &str) -> Result<u16, Reason> {
 /// anything a resolver or `inet_aton` would read as an address (`10.0.0.1`, `127.1`,
 /// `2130706433`, `0x7f.1`).
 pub fn parse_host(raw: &str) -> Result<Host, Reason> {
-    if let Ok(ip) = raw.parse::<Ipv4Addr>() {
+    if raw.as_bytes().first().is_some_and(u8::is_ascii_digit)
+        && let Ok(ip) = raw.parse::<Ipv4Addr>()
+    {
         return Ok(Host::Ip(IpAddr::V4(ip)));
     }
     let name = raw.strip_suffix('.').unwrap_or(raw);
     if name.is_empty() || name.len() > MAX_NAME_LEN {
         return Err(Reason::BadRequest);
     }
-    let mut labels = 0;
-    for label in name.split('.') {
-        labels += 1;
-        if label.is_empty() || label.len() > MAX_LABEL_LEN || !label.bytes().all(is_name_byte) {
+    // One pass: every byte allowed, no empty or overlong label.
+    let mut labels = 1;
+    let mut label_len = 0;
+    for &b in name.as_bytes() {
+        if b == b'.' {
+            if label_len == 0 {
+                return Err(Reason::BadRequest);
+            }
+            labels += 1;
+            label_len = 0;
+        } else if NAME_BYTES[usize::from(b)] {
+            label_len += 1;
+            if label_len > MAX_LABEL_LEN {
+                return Err(Reason::BadRequest);
+            }
+        } else {
             return Err(Reason::BadRequest);
         }
+    }
+    if label_len == 0 {
+        return Err(Reason::BadRequest);
     }
     if looks_numeric(name, labels) {
         return Err(Reason::IpLiteral);
@@ -77,8 +94,20 @@ pub fn parse_host(raw: &str) -> Result<Host, Reason> {
     Ok(Host::Name(name.to_ascii_lowercase()))
 }
 
+/// Bytes a host name label may hold: letters, digits, `-` and `_` (seen in real AWS names).
+const NAME_BYTES: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+        b += 1;
+    }
+    table
+};
+
 fn is_name_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
+    NAME_BYTES[usize::from(b)]
 }
 
 /// No top-level domain is all digits, and `inet_aton` accepts one to four numeric parts in
@@ -223,19 +252,19 @@ impl Pattern {
         literal.into_iter().rev().collect::<Vec<_>>().join(".")
     }
 
-    /// `host` is validated and lowercased; `host_labels` is its label count.
-    fn matches(&self, host: &str, host_labels: usize) -> bool {
+    /// `host` is validated and lowercased.
+    fn matches(&self, host: &HostLabels<'_>) -> bool {
         let fits = if self.leading_any {
-            host_labels > self.labels.len()
+            host.count() > self.labels.len()
         } else {
-            host_labels == self.labels.len()
+            host.count() == self.labels.len()
         };
         fits && self
             .labels
             .iter()
             .rev()
-            .zip(host.rsplit('.'))
-            .all(|(pattern, label)| pattern.matches(label))
+            .enumerate()
+            .all(|(k, pattern)| pattern.matches(host.nth_from_right(k)))
     }
 }
 
@@ -279,19 +308,19 @@ impl RuleSet {
     /// Checks a validated, lowercased host name (see [`parse_host`]) and a port. Among the
     /// rules whose patterns match, the first in config order that allows the port wins.
     pub fn check(&self, host: &str, port: u16) -> Verdict<'_> {
-        let host_labels = host.bytes().filter(|&b| b == b'.').count() + 1;
-        // Suffix starts, right to left, each with its label count.
-        let starts = host.rmatch_indices('.').map(|(dot, _)| dot + 1).chain([0]);
-        let suffixes = starts
-            .zip(1..)
-            .filter(|&(_, labels)| self.suffix_lengths & length_bit(labels) != 0)
-            .filter_map(|(start, _)| self.by_suffix.get(&host[start..]));
+        if host.len() > MAX_NAME_LEN {
+            return Verdict::NoRule;
+        }
+        let host = HostLabels::new(host);
+        let suffixes = (1..=host.count())
+            .filter(|&labels| self.suffix_lengths & length_bit(labels) != 0)
+            .filter_map(|labels| self.by_suffix.get(host.suffix(labels)));
         let candidates = suffixes.flatten().chain(&self.unindexed);
         let mut first_match: Option<usize> = None;
         let mut first_allowed: Option<usize> = None;
         for &index in candidates {
             let pattern = &self.patterns[index];
-            if !pattern.matches(host, host_labels) {
+            if !pattern.matches(&host) {
                 continue;
             }
             let rule = pattern.rule;
@@ -305,6 +334,55 @@ impl RuleSet {
             (None, Some(rule)) => Verdict::PortNotAllowed(&self.rules[rule]),
             (None, None) => Verdict::NoRule,
         }
+    }
+}
+
+/// A host name with its label boundaries found once, so the suffix lookups and the
+/// per-pattern comparisons do not each scan it again.
+struct HostLabels<'a> {
+    host: &'a str,
+    /// Where each label starts, left to right. A valid name has at most 127 labels.
+    starts: [u8; 128],
+    count: usize,
+}
+
+impl<'a> HostLabels<'a> {
+    /// `host` is a validated name: at most 253 bytes, no empty label.
+    fn new(host: &'a str) -> HostLabels<'a> {
+        let mut starts = [0u8; 128];
+        let mut count = 1;
+        for (i, &b) in host.as_bytes().iter().enumerate() {
+            if b == b'.' && count < starts.len() {
+                starts[count] = (i + 1).min(255) as u8;
+                count += 1;
+            }
+        }
+        HostLabels {
+            host,
+            starts,
+            count,
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.count
+    }
+
+    /// The last `labels` labels, e.g. 2 → `example.com`.
+    fn suffix(&self, labels: usize) -> &'a str {
+        &self.host[usize::from(self.starts[self.count - labels])..]
+    }
+
+    /// The `k`-th label from the right, 0-based.
+    fn nth_from_right(&self, k: usize) -> &'a str {
+        let i = self.count - 1 - k;
+        let start = usize::from(self.starts[i]);
+        let end = if i + 1 < self.count {
+            usize::from(self.starts[i + 1]) - 1
+        } else {
+            self.host.len()
+        };
+        &self.host[start..end]
     }
 }
 

@@ -34,14 +34,23 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Header lines accepted in one head (hyper's default too).
 const MAX_HEADERS: usize = 100;
 
+/// Where an accept loop runs: `tls` is the index of the listener's `[[proxy.tls]]` entry, for
+/// TLS listeners; `worker` the thread (see [`workers`](crate::workers)).
+#[derive(Debug, Clone, Copy)]
+pub struct Listener {
+    pub tls: Option<usize>,
+    pub worker: usize,
+}
+
 /// Accepts until `stop` fires. Accept errors (EMFILE above all) back off instead of spinning.
-/// `tls` is the index of the listener's `[[proxy.tls]]` entry, for TLS listeners.
 pub async fn accept_loop(
     listener: TcpListener,
-    tls: Option<usize>,
+    kind: Listener,
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let tls = kind.tls;
+    let accepted_total = shared.metrics.accepted(kind.worker);
     let mut backoff = Duration::from_millis(5);
     loop {
         let accepted = tokio::select! {
@@ -51,6 +60,7 @@ pub async fn accept_loop(
         let (stream, peer) = match accepted {
             Ok(accepted) => {
                 backoff = Duration::from_millis(5);
+                accepted_total.inc();
                 accepted
             }
             Err(e) => {

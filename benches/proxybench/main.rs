@@ -78,6 +78,13 @@ pub struct RunArgs {
     /// Which figure groups to measure (for debugging the harness; a report wants all three).
     #[arg(long, value_delimiter = ',', default_value = "setup,bulk,idle")]
     figures: Vec<String>,
+    /// Which peers to run (for investigating one proxy; a report wants all five).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "direct,squid,tinyproxy,portcullis,portcullis-nolog"
+    )]
+    peers: Vec<String>,
     /// Marks the report as a smoke test.
     #[arg(long)]
     quick: bool,
@@ -174,6 +181,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dns = Helper::dns(&args.work)?;
     let mut peers = Vec::new();
     for kind in PEERS {
+        if !args.peers.iter().any(|p| p == kind.name()) {
+            continue;
+        }
         let mut peer = Peer::new(kind, &args.work, &args.portcullis)?;
         peer.start().await?;
         peers.push(peer);

@@ -93,6 +93,10 @@ pub struct Setup {
     /// `sni` for every rule. Off by default: most tests relay plain bytes through echo
     /// origins; the SNI tests turn it on.
     pub sni: &'static str,
+    /// `[proxy] workers` (0: one per core).
+    pub workers: usize,
+    /// Bind the proxy listener without `SO_REUSEPORT`, so workers share one socket.
+    pub shared_listener: bool,
 }
 
 impl Default for Setup {
@@ -114,6 +118,8 @@ impl Default for Setup {
             sni: "off",
             proxy_tls: String::new(),
             allow_cert_names: Vec::new(),
+            workers: 0,
+            shared_listener: false,
         }
     }
 }
@@ -132,7 +138,7 @@ impl Setup {
             .expect("the default config has rules");
         format!(
             "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = {}\nheader_timeout = {:?}\n\
-             connect_timeout = {:?}\nidle_timeout = {:?}\ndrain_timeout = {:?}\n\n\
+             connect_timeout = {:?}\nidle_timeout = {:?}\ndrain_timeout = {:?}\nworkers = {}\n\n\
              {}\n[admin]\nlisten = \"127.0.0.1:0\"\nadvertise = \"proxy.test:3128\"\n\n\
              [dns]\nservers = [\"{dns}\"]\ncache_size = {}\nhosts = {{ {} }}\n\n\
              [clients]\nallow = [{}]\nallow_cert_names = [{}]\nmax_tunnels_per_client = {}\n\n{}\
@@ -142,6 +148,7 @@ impl Setup {
             self.connect_timeout,
             self.idle_timeout,
             self.drain_timeout,
+            self.workers,
             self.proxy_tls,
             self.cache_size,
             self.dns_hosts,
@@ -186,8 +193,14 @@ pub async fn start(setup: Setup) -> TestProxy {
     let dns = TestDns::start().await;
     let text = setup.to_toml(dns.addr);
     let config = Config::parse(&text, "test.toml").unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let loopback = "127.0.0.1:0".parse().unwrap();
+    let proxy_listener = if setup.shared_listener {
+        TcpListener::bind(loopback).await.unwrap()
+    } else {
+        TcpListener::from_std(portcullis::workers::bind(loopback).unwrap()).unwrap()
+    };
     let listeners = Listeners {
-        proxy: vec![TcpListener::bind("127.0.0.1:0").await.unwrap()],
+        proxy: vec![proxy_listener],
         tls: tls_listeners(&config).await,
         admin: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
     };
