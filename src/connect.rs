@@ -409,6 +409,9 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
         )
         .await;
         drop(slot);
+        if totals.pipe_fallback {
+            shared.metrics.pipe_fallback();
+        }
         let duration = started.elapsed();
         handles.tunnel_duration.observe(duration.as_secs_f64());
         entry.closed(&totals, duration);

@@ -46,6 +46,7 @@ pub struct Metrics {
     dns_lookups: IntCounterVec,
     connections_rejected: IntCounterVec,
     connections_accepted: IntCounterVec,
+    pipe_fallbacks: IntCounter,
     config_reloads: IntCounterVec,
     /// Handles per allowed domain label (including `_other`).
     domains: DashMap<String, Arc<DomainMetrics>>,
@@ -119,6 +120,12 @@ impl Metrics {
             &["worker"],
         )
         .expect("valid metric");
+        let pipe_fallbacks = IntCounter::new(
+            "relay_pipe_fallbacks_total",
+            "Tunnels that copied bulk data through user space because no pipe worth splicing \
+             through could be had (fs.pipe-user-pages-soft used up)",
+        )
+        .expect("valid metric");
         let config_reloads = IntCounterVec::new(
             Opts::new("config_reloads_total", "Config reloads by result"),
             &["result"],
@@ -141,6 +148,7 @@ impl Metrics {
             Box::new(dns_lookups.clone()),
             Box::new(connections_rejected.clone()),
             Box::new(connections_accepted.clone()),
+            Box::new(pipe_fallbacks.clone()),
             Box::new(config_reloads.clone()),
             Box::new(build_info),
         ] {
@@ -158,6 +166,7 @@ impl Metrics {
             dns_lookups,
             connections_rejected,
             connections_accepted,
+            pipe_fallbacks,
             config_reloads,
             domains: DashMap::new(),
             max_domains: AtomicUsize::new(max_domains),
@@ -252,6 +261,18 @@ impl Metrics {
     pub fn accepted(&self, worker: usize) -> IntCounter {
         self.connections_accepted
             .with_label_values(&[&worker.to_string()])
+    }
+
+    /// A tunnel copied for lack of a pipe; the first one in the process says why in the log.
+    pub fn pipe_fallback(&self) {
+        if self.pipe_fallbacks.get() == 0 {
+            tracing::warn!(
+                "no pipe to splice through: the per-user pipe budget is used up, so bulk \
+                 tunnels are copied through user space (more CPU). Raise \
+                 fs.pipe-user-pages-soft, or run fewer proxies under this user"
+            );
+        }
+        self.pipe_fallbacks.inc();
     }
 
     pub fn connection_rejected(&self, reason: &str) {

@@ -62,7 +62,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-async fn bulk_both_ways(mode: Mode) {
+async fn bulk_both_ways(mode: Mode) -> tunnel::Totals {
     const SIZE: usize = 8 * 1024 * 1024;
     let (client, origin, task) = relayed(mode, b"EARLY", Duration::from_secs(30)).await;
     let up_data = pattern(SIZE, 1);
@@ -103,11 +103,58 @@ async fn bulk_both_ways(mode: Mode) {
         (up_expected.len() as u64, SIZE as u64)
     );
     assert_eq!((up, down), (totals.upstream, totals.downstream));
+    totals
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn splice_relays_bulk_both_ways_intact() {
     bulk_both_ways(Mode::Splice).await;
+}
+
+/// Pipes made until the kernel hands out one below the default 64 KiB, which it does once
+/// this user's pipes pass `fs.pipe-user-pages-soft` (the test runs in a user namespace, so
+/// it is unprivileged to the kernel's pipe accounting even as root). `None` if no such pipe
+/// came within the budget's worth of pipes.
+fn use_up_pipe_budget() -> Option<Vec<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>> {
+    use rustix::pipe::{PipeFlags, fcntl_getpipe_size, pipe_with};
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let soft_pages: usize = std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // Two descriptors per default pipe of 16 pages, and some room.
+    let mut limit = getrlimit(Resource::Nofile);
+    limit.current = limit.maximum;
+    setrlimit(Resource::Nofile, limit).unwrap();
+    let mut held = Vec::new();
+    for _ in 0..soft_pages / 16 + 256 {
+        let pipe = pipe_with(PipeFlags::CLOEXEC).ok()?;
+        let size = fcntl_getpipe_size(&pipe.1).unwrap();
+        held.push(pipe);
+        if size < 64 * 1024 {
+            return Some(held);
+        }
+    }
+    None
+}
+
+/// With the pipe budget used up, a bulk direction copies instead of splicing through a
+/// two-page pipe, says so, and still moves every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splice_falls_back_to_copying_when_pipes_run_out() {
+    support::isolate();
+    if std::fs::read_to_string("/proc/sys/fs/pipe-user-pages-soft").is_ok_and(|s| s.trim() == "0") {
+        eprintln!("fs.pipe-user-pages-soft is 0 (no budget): nothing to fall back from");
+        return;
+    }
+    let hoard = use_up_pipe_budget().expect(
+        "the kernel should give two-page pipes past fs.pipe-user-pages-soft to an \
+         unprivileged user",
+    );
+    let totals = bulk_both_ways(Mode::Splice).await;
+    drop(hoard);
+    assert!(totals.pipe_fallback, "{totals:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

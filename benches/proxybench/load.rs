@@ -149,22 +149,33 @@ pub async fn cycle(target: &Target) -> io::Result<()> {
 pub struct Meter {
     pub proxy: Option<u32>,
     pub dns: u32,
+    /// The two ends of every connection: this process (the clients) and the origins.
+    pub ends: [u32; 2],
     pub ticks: f64,
 }
 
 #[derive(Clone, Copy)]
 struct Reading {
     proxy: f64,
+    proxy_system: f64,
     dns: f64,
+    ends_system: f64,
 }
 
 impl Meter {
     fn read(&self) -> Reading {
+        let (user, system) = self
+            .proxy
+            .map_or((0.0, 0.0), |pid| procfs::cpu_split(pid, self.ticks));
         Reading {
-            proxy: self
-                .proxy
-                .map_or(0.0, |pid| procfs::cpu_seconds(pid, self.ticks)),
+            proxy: user + system,
+            proxy_system: system,
             dns: procfs::cpu_seconds(self.dns, self.ticks),
+            ends_system: self
+                .ends
+                .iter()
+                .map(|&pid| procfs::system_seconds(pid, self.ticks))
+                .sum(),
         }
     }
 
@@ -190,6 +201,10 @@ pub struct Setup {
     pub first_error: Option<String>,
     /// Proxy CPU per completed cycle, µs.
     pub cpu_us: f64,
+    /// The part of `cpu_us` spent in the kernel.
+    pub system_us: f64,
+    /// Kernel CPU of the clients and the origin per completed cycle, µs.
+    pub ends_system_us: f64,
     /// DNS server CPU per completed cycle, µs.
     pub dns_us: f64,
 }
@@ -277,11 +292,15 @@ pub async fn setup(
             cpu / result.cycles as f64 * 1e6
         }
     };
-    result.cpu_us = if meter.proxy.is_some() {
-        per_cycle(after.proxy - before.proxy)
+    (result.cpu_us, result.system_us) = if meter.proxy.is_some() {
+        (
+            per_cycle(after.proxy - before.proxy),
+            per_cycle(after.proxy_system - before.proxy_system),
+        )
     } else {
-        f64::NAN
+        (f64::NAN, f64::NAN)
     };
+    result.ends_system_us = per_cycle(after.ends_system - before.ends_system);
     result.dns_us = per_cycle(after.dns - before.dns);
     result
 }
@@ -300,6 +319,10 @@ pub struct Bulk {
     pub gbit: f64,
     /// Proxy CPU seconds per GiB relayed.
     pub cpu_per_gib: f64,
+    /// The part of `cpu_per_gib` spent in the kernel.
+    pub system_per_gib: f64,
+    /// Kernel CPU seconds of the clients and the origin per GiB.
+    pub ends_system_per_gib: f64,
 }
 
 /// `tunnels` tunnels moving bytes one way as fast as they can; counted at the receiving end's
@@ -364,13 +387,20 @@ pub async fn bulk(
     }
     let moved = (b1 - b0) as f64;
     let secs = (i1 - i0).as_secs_f64();
-    Ok(Bulk {
-        gbit: moved * 8.0 / secs / 1e9,
-        cpu_per_gib: if meter.proxy.is_some() && moved > 0.0 {
-            (c1.proxy - c0.proxy) / (moved / f64::from(1u32 << 30))
+    let gib = moved / f64::from(1u32 << 30);
+    let per_gib = |seconds: f64| if moved > 0.0 { seconds / gib } else { f64::NAN };
+    let proxied = |seconds: f64| {
+        if meter.proxy.is_some() {
+            per_gib(seconds)
         } else {
             f64::NAN
-        },
+        }
+    };
+    Ok(Bulk {
+        gbit: moved * 8.0 / secs / 1e9,
+        cpu_per_gib: proxied(c1.proxy - c0.proxy),
+        system_per_gib: proxied(c1.proxy_system - c0.proxy_system),
+        ends_system_per_gib: per_gib(c1.ends_system - c0.ends_system),
     })
 }
 

@@ -177,7 +177,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let ticks = procfs::clock_ticks();
     let window = Duration::from_secs_f64(args.duration);
     let warmup = Duration::from_secs_f64(args.warmup);
-    let _origin = Helper::origin(&args.work)?;
+    let origin_helper = Helper::origin(&args.work)?;
+    let ends = [std::process::id(), origin_helper.pid()];
     let dns = Helper::dns(&args.work)?;
     let mut peers = Vec::new();
     for kind in PEERS {
@@ -207,17 +208,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let meter = Meter {
                     proxy: peer.pid(),
                     dns: dns.pid(),
+                    ends,
                     ticks,
                 };
                 let r = load::setup(&peer.target(origin::ECHO), c, warmup, window, meter).await;
                 eprintln!(
                     "[{tag}] set-up c={c:<3} {:<16} {:>8.0}/s  p50 {:>7.0} µs  p99 {:>7.0} µs  \
-                     cpu {:>6.1} µs/tunnel  dns {:>5.1} µs  errors {}{}",
+                     cpu {:>6.1} µs/tunnel (sys {:>5.1})  ends sys {:>5.1} µs  dns {:>5.1} µs  \
+                     errors {}{}",
                     peer.kind.name(),
                     r.rate,
                     r.p50_us,
                     r.p99_us,
                     r.cpu_us,
+                    r.system_us,
+                    r.ends_system_us,
                     r.dns_us,
                     r.errors,
                     r.first_error
@@ -230,6 +235,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 store.add(&format!("p50/c{c}"), name, r.p50_us);
                 store.add(&format!("p99/c{c}"), name, r.p99_us);
                 store.add(&format!("cpu_tunnel/c{c}"), name, r.cpu_us);
+                store.add(&format!("sys_tunnel/c{c}"), name, r.system_us);
+                store.add(&format!("ends_sys_tunnel/c{c}"), name, r.ends_system_us);
                 store.add(&format!("dns_tunnel/c{c}"), name, r.dns_us);
                 store.add(&format!("errors/c{c}"), name, r.errors as f64);
                 if let Some(e) = r.first_error {
@@ -247,6 +254,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let meter = Meter {
                     proxy: peer.pid(),
                     dns: dns.pid(),
+                    ends,
                     ticks,
                 };
                 let host = match direction {
@@ -267,11 +275,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 {
                     Ok(b) => {
                         eprintln!(
-                            "[{tag}] bulk {key:<6} {name:<16} {:>7.2} Gbit/s  cpu {:.3} s/GiB",
-                            b.gbit, b.cpu_per_gib
+                            "[{tag}] bulk {key:<6} {name:<16} {:>7.2} Gbit/s  cpu {:.3} s/GiB \
+                             (sys {:.3})  ends sys {:.3} s/GiB",
+                            b.gbit, b.cpu_per_gib, b.system_per_gib, b.ends_system_per_gib
                         );
                         store.add(&format!("tput/{key}"), name, b.gbit);
                         store.add(&format!("cpu_gib/{key}"), name, b.cpu_per_gib);
+                        store.add(&format!("sys_gib/{key}"), name, b.system_per_gib);
+                        store.add(&format!("ends_sys_gib/{key}"), name, b.ends_system_per_gib);
                     }
                     Err(e) => {
                         eprintln!("[{tag}] bulk {key:<6} {name:<16} failed: {e}");

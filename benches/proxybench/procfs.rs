@@ -61,16 +61,31 @@ pub fn tree(pid: u32) -> Vec<u32> {
 
 /// CPU seconds (user + system, with reaped children) used so far by `pid` and its descendants.
 pub fn cpu_seconds(pid: u32, ticks: f64) -> f64 {
-    tree(pid)
+    let (user, system) = cpu_split(pid, ticks);
+    user + system
+}
+
+/// CPU seconds used so far by `pid` and its descendants, as (user, system): utime + cutime
+/// and stime + cstime, fields 14-17 of `stat`, i.e. 11-14 after the name.
+pub fn cpu_split(pid: u32, ticks: f64) -> (f64, f64) {
+    let field = |f: &[String], i: usize| f.get(i).and_then(|s| s.parse::<f64>().ok());
+    let (user, system) = tree(pid)
         .into_iter()
         .filter_map(stat_fields)
         .map(|f| {
-            // utime, stime, cutime, cstime are fields 14-17, i.e. 11-14 after the name.
-            (11..=14)
-                .filter_map(|i| f.get(i).and_then(|s| s.parse::<f64>().ok()))
-                .sum::<f64>()
+            let user = field(&f, 11).unwrap_or(0.0) + field(&f, 13).unwrap_or(0.0);
+            let system = field(&f, 12).unwrap_or(0.0) + field(&f, 14).unwrap_or(0.0);
+            (user, system)
         })
-        .sum::<f64>()
+        .fold((0.0, 0.0), |(u, s), (du, ds)| (u + du, s + ds));
+    (user / ticks, system / ticks)
+}
+
+/// System (kernel) CPU seconds of `pid` alone, children not included.
+pub fn system_seconds(pid: u32, ticks: f64) -> f64 {
+    stat_fields(pid)
+        .and_then(|f| f.get(12).and_then(|s| s.parse::<f64>().ok()))
+        .unwrap_or(0.0)
         / ticks
 }
 

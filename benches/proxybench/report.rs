@@ -411,8 +411,12 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
         "## Proxy CPU\n\nCPU time (user + system) of the proxy process and its children, from \
          `/proc/<pid>/stat` before and after each counted window, divided by the tunnels set up \
          or the bytes relayed in it. The load generator's and the origin's CPU are not in it. \
-         The DNS server's CPU (dnsmasq, shared by all peers) is shown separately: a proxy that \
-         does not cache answers pays there.\n\n",
+         The part spent in the kernel (system time) is shown on its own: it is mostly TCP on \
+         loopback, which a proxy cannot avoid. For scale, the kernel time of the two ends \
+         (the load generator's clients and the origin) is shown too: in the direct column it is \
+         what one TCP connection costs both its ends, about the kernel work a proxy does for its \
+         two connections. The DNS server's CPU (dnsmasq, shared by all peers) is shown \
+         separately: a proxy that does not cache answers pays there.\n\n",
     );
     let mut cpu_rows: Vec<Row> = cs
         .iter()
@@ -429,6 +433,39 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
         row(
             format!("proxy CPU per GiB, {} (s)", bulk_label(&key)),
             format!("cpu_gib/{key}"),
+            3,
+        )
+    }));
+    cpu_rows.extend(cs.iter().map(|c| {
+        row(
+            format!("proxy kernel CPU per tunnel, c={c} (µs)"),
+            format!("sys_tunnel/c{c}"),
+            1,
+        )
+    }));
+    cpu_rows.extend(BULK.iter().map(|&(d, n)| {
+        let key = bulk_key(d, n);
+        row(
+            format!("proxy kernel CPU per GiB, {} (s)", bulk_label(&key)),
+            format!("sys_gib/{key}"),
+            3,
+        )
+    }));
+    cpu_rows.extend(cs.iter().map(|c| {
+        row(
+            format!("client + origin kernel CPU per tunnel, c={c} (µs)"),
+            format!("ends_sys_tunnel/c{c}"),
+            1,
+        )
+    }));
+    cpu_rows.extend(BULK.iter().map(|&(d, n)| {
+        let key = bulk_key(d, n);
+        row(
+            format!(
+                "client + origin kernel CPU per GiB, {} (s)",
+                bulk_label(&key)
+            ),
+            format!("ends_sys_gib/{key}"),
             3,
         )
     }));
