@@ -418,64 +418,41 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
          two connections. The DNS server's CPU (dnsmasq, shared by all peers) is shown \
          separately: a proxy that does not cache answers pays there.\n\n",
     );
-    let mut cpu_rows: Vec<Row> = cs
-        .iter()
-        .map(|c| {
-            row(
-                format!("proxy CPU per tunnel, c={c} (µs)"),
-                format!("cpu_tunnel/c{c}"),
-                1,
-            )
-        })
-        .collect();
-    cpu_rows.extend(BULK.iter().map(|&(d, n)| {
-        let key = bulk_key(d, n);
-        row(
-            format!("proxy CPU per GiB, {} (s)", bulk_label(&key)),
-            format!("cpu_gib/{key}"),
-            3,
-        )
-    }));
-    cpu_rows.extend(cs.iter().map(|c| {
-        row(
-            format!("proxy kernel CPU per tunnel, c={c} (µs)"),
-            format!("sys_tunnel/c{c}"),
-            1,
-        )
-    }));
-    cpu_rows.extend(BULK.iter().map(|&(d, n)| {
-        let key = bulk_key(d, n);
-        row(
-            format!("proxy kernel CPU per GiB, {} (s)", bulk_label(&key)),
-            format!("sys_gib/{key}"),
-            3,
-        )
-    }));
-    cpu_rows.extend(cs.iter().map(|c| {
-        row(
-            format!("client + origin kernel CPU per tunnel, c={c} (µs)"),
-            format!("ends_sys_tunnel/c{c}"),
-            1,
-        )
-    }));
-    cpu_rows.extend(BULK.iter().map(|&(d, n)| {
-        let key = bulk_key(d, n);
-        row(
-            format!(
-                "client + origin kernel CPU per GiB, {} (s)",
-                bulk_label(&key)
-            ),
-            format!("ends_sys_gib/{key}"),
-            3,
-        )
-    }));
-    cpu_rows.extend(cs.iter().map(|c| {
-        row(
-            format!("DNS server CPU per tunnel, c={c} (µs)"),
-            format!("dns_tunnel/c{c}"),
-            1,
-        )
-    }));
+    // (what, store key): a row per concurrency for tunnels, a row per bulk figure for GiB.
+    let per_tunnel = |what: &str, key: &str| -> Vec<Row> {
+        cs.iter()
+            .map(|c| {
+                row(
+                    format!("{what} per tunnel, c={c} (µs)"),
+                    format!("{key}_tunnel/c{c}"),
+                    1,
+                )
+            })
+            .collect()
+    };
+    let per_gib = |what: &str, key: &str| -> Vec<Row> {
+        BULK.iter()
+            .map(|&(d, n)| {
+                let bulk = bulk_key(d, n);
+                let label = bulk_label(&bulk);
+                row(
+                    format!("{what} per GiB, {label} (s)"),
+                    format!("{key}_gib/{bulk}"),
+                    3,
+                )
+            })
+            .collect()
+    };
+    let cpu_rows: Vec<Row> = [
+        per_tunnel("proxy CPU", "cpu"),
+        per_gib("proxy CPU", "cpu"),
+        per_tunnel("proxy kernel CPU", "sys"),
+        per_gib("proxy kernel CPU", "sys"),
+        per_tunnel("client + origin kernel CPU", "ends_sys"),
+        per_gib("client + origin kernel CPU", "ends_sys"),
+        per_tunnel("DNS server CPU", "dns"),
+    ]
+    .concat();
     table(&mut out, store, peers, &cpu_rows);
 
     out.push_str(
