@@ -15,6 +15,7 @@
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac`.
 //! - [`access_log`]: the decision and tunnel-close events.
 //! - [`log_writer`]: the batching, never-blocking stdout sink behind the logs.
+//! - [`log_format`]: the JSON log line, written without serde.
 //! - [`error`]: refusal reasons and the one mapping to replies.
 //! - [`auth`]: optional `Proxy-Authorization: Basic` against a users file.
 //! - [`state`]: what connections share; config swaps on reload.
@@ -36,6 +37,7 @@ pub mod destination;
 pub mod dns;
 pub mod error;
 pub mod ip_ranges;
+pub mod log_format;
 pub mod log_writer;
 pub mod metrics;
 pub mod prefixed;

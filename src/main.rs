@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use portcullis::log_format::JsonLines;
 use portcullis::log_writer::{FlushGuard, batch_writer};
 use portcullis::reload::Reloader;
 use portcullis::{Config, Listeners, Proxy};
@@ -104,11 +105,7 @@ fn init_logging(format: LogFormat) -> FlushGuard {
         .with_env_filter(filter)
         .with_writer(writer);
     match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .init(),
+        LogFormat::Json => builder.event_format(JsonLines).init(),
         LogFormat::Text => builder.init(),
     }
     guard

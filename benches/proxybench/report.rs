@@ -452,7 +452,9 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
         per_gib("client + origin kernel CPU", "ends_sys"),
         per_tunnel("DNS server CPU", "dns"),
     ]
-    .concat();
+    .into_iter()
+    .flatten()
+    .collect();
     table(&mut out, store, peers, &cpu_rows);
 
     out.push_str(
