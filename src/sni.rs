@@ -235,9 +235,11 @@ fn host_name(data: &[u8]) -> Option<String> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
+/// ClientHello bytes as a TLS 1.3 client lays them out, for this module's tests, the
+/// integration tests and fuzz seeds. Not used by the proxy itself.
+#[doc(hidden)]
+pub mod sample {
+    use super::{CLIENT_HELLO, HANDSHAKE, SERVER_NAME};
 
     /// A minimal ClientHello with the given SNI (or none), as one handshake message.
     pub fn client_hello(sni: Option<&str>) -> Vec<u8> {
@@ -278,6 +280,12 @@ pub(crate) mod tests {
             })
             .collect()
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sample::{client_hello, records};
+    use super::*;
 
     fn done(bytes: &[u8]) -> Option<Hello> {
         match parse(bytes) {

@@ -7,51 +7,13 @@ mod support;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use portcullis::sni::sample::{client_hello, records};
 use support::{Setup, TestProxy, connect, start};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 const HOST: &str = "d111abcdef8.cloudfront.net";
-
-/// A minimal ClientHello handshake message with the given SNI (or none).
-fn client_hello(sni: Option<&str>) -> Vec<u8> {
-    let mut body = vec![0x03, 0x03];
-    body.extend([7u8; 32]);
-    body.push(0);
-    body.extend([0x00, 0x02, 0x13, 0x01]);
-    body.extend([0x01, 0x00]);
-    let mut extensions = Vec::new();
-    if let Some(name) = sni {
-        let mut entry = vec![0u8];
-        entry.extend((name.len() as u16).to_be_bytes());
-        entry.extend(name.as_bytes());
-        let mut list = (entry.len() as u16).to_be_bytes().to_vec();
-        list.extend(entry);
-        extensions.extend([0x00, 0x00]);
-        extensions.extend((list.len() as u16).to_be_bytes());
-        extensions.extend(list);
-    }
-    extensions.extend([0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
-    body.extend((extensions.len() as u16).to_be_bytes());
-    body.extend(extensions);
-    let mut message = vec![0x01];
-    message.extend(&(body.len() as u32).to_be_bytes()[1..]);
-    message.extend(body);
-    message
-}
-
-fn records(message: &[u8], per_record: usize) -> Vec<u8> {
-    message
-        .chunks(per_record)
-        .flat_map(|chunk| {
-            let mut record = vec![0x16, 0x03, 0x01];
-            record.extend((chunk.len() as u16).to_be_bytes());
-            record.extend(chunk);
-            record
-        })
-        .collect()
-}
 
 /// An origin that reports every byte it receives on each connection.
 async fn recording_origin() -> (SocketAddr, mpsc::UnboundedReceiver<Vec<u8>>) {
