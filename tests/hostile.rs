@@ -673,6 +673,25 @@ async fn recording_origin(
     (rx, task)
 }
 
+/// A proxy under `sni = "enforce"` whose gateway name resolves to a recording origin on `ip`.
+async fn enforcing_proxy(
+    ip: &str,
+) -> (
+    TestProxy,
+    mpsc::UnboundedReceiver<Vec<u8>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let proxy = start(Setup {
+        sni: "enforce",
+        header_timeout: "1s",
+        ..Setup::default()
+    })
+    .await;
+    let (received, origin) = recording_origin(ip).await;
+    proxy.dns.set(GATEWAY, &[ip.parse().unwrap()], 60);
+    (proxy, received, origin)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_requests_after_a_refusal_are_never_processed() {
     let mut failures = Failures::default();
@@ -770,16 +789,7 @@ async fn garbage_instead_of_a_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connect_then_garbage_under_sni_enforce() {
     let mut failures = Failures::default();
-    let proxy = start(Setup {
-        sni: "enforce",
-        header_timeout: "1s",
-        ..Setup::default()
-    })
-    .await;
-    let (mut received, origin) = recording_origin("127.0.0.106").await;
-    proxy
-        .dns
-        .set(GATEWAY, &["127.0.0.106".parse().unwrap()], 60);
+    let (proxy, mut received, origin) = enforcing_proxy("127.0.0.106").await;
     for garbage in [
         b"GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n".to_vec(),
         b"CONNECT evil.example:443 HTTP/1.1\r\n\r\n".to_vec(),
@@ -948,16 +958,7 @@ async fn credentials_in_the_target_never_reach_the_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ambiguous_client_hellos_are_not_forwarded_under_sni_enforce() {
     let mut failures = Failures::default();
-    let proxy = start(Setup {
-        sni: "enforce",
-        header_timeout: "1s",
-        ..Setup::default()
-    })
-    .await;
-    let (mut received, origin) = recording_origin("127.0.0.109").await;
-    proxy
-        .dns
-        .set(GATEWAY, &["127.0.0.109".parse().unwrap()], 60);
+    let (proxy, mut received, origin) = enforcing_proxy("127.0.0.109").await;
     let corpus = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz_corpus");
     let hello = |name: &str| std::fs::read(corpus.join("client_hello").join(name)).unwrap();
     // The unmodified hello passes: the check is on, and the origin sees the bytes.
