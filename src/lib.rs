@@ -101,6 +101,25 @@ impl Listeners {
     }
 }
 
+/// Ends what [`Proxy::run`] started if its future is dropped before it finishes (its task
+/// aborted, its runtime shut down): worker threads are not tied to the caller's runtime and
+/// would otherwise go on accepting and relaying. They stop as after a drain timeout.
+struct StopOnDrop {
+    stop_accepting: CancellationToken,
+    shared: Arc<Shared>,
+    armed: bool,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.stop_accepting.cancel();
+            self.shared.tasks.close();
+            self.shared.abort.cancel();
+        }
+    }
+}
+
 /// A running proxy's handle: cheap to clone, used to reload and to read metrics.
 #[derive(Clone)]
 pub struct Proxy {
@@ -161,6 +180,11 @@ impl Proxy {
             .enumerate()
             .map(|(i, l)| (l, Some(i)));
         let accepting: Vec<_> = plain.chain(tls).collect();
+        let mut stop_on_drop = StopOnDrop {
+            stop_accepting: stop_accepting.clone(),
+            shared: self.shared.clone(),
+            armed: true,
+        };
         let others = self.start_workers(&accepting, &stop_accepting);
         for (listener, tls) in accepting {
             tokio::spawn(server::accept_loop(
@@ -183,6 +207,7 @@ impl Proxy {
             worker.finished(Duration::from_secs(5)).await;
         }
         stop_admin.cancel();
+        stop_on_drop.armed = false;
     }
 
     /// Workers 1 and up. One that cannot start is logged and the rest serve without it.

@@ -7,11 +7,15 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use support::{Origin, Setup, assert_echo, connect, eventually, start};
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
 const GATEWAY: &str = "gw1.amazonappstream.com";
 const WORKERS: usize = 3;
 const TUNNELS: usize = 48;
+
+/// The tests here count this process's worker threads by name, so they take turns.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The names of this process's `portcullis-N` worker threads.
 fn worker_threads() -> Vec<String> {
@@ -40,6 +44,7 @@ async fn tunnels(proxy: std::net::SocketAddr) -> Vec<TcpStream> {
 /// seen are this proxy's alone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_worker_serves_and_a_drain_waits_for_all_of_them() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     for shared_listener in [false, true] {
         let mut proxy = start(Setup {
             workers: WORKERS,
@@ -113,5 +118,43 @@ async fn every_worker_serves_and_a_drain_waits_for_all_of_them() {
         let metrics = proxy.proxy.metrics().encode();
         let active = format!("portcullis_tunnels_active{{domain=\"{GATEWAY}\"}}");
         assert_eq!(support::metric_value(&metrics, &active), 0.0);
+    }
+}
+
+/// Dropping `run` (an aborted task, a runtime shutting down) stops the workers too: their
+/// threads are not the caller's runtime's and would otherwise serve on, unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_run_stops_every_worker() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let mut proxy = start(Setup {
+        workers: WORKERS,
+        ..Setup::default()
+    })
+    .await;
+    let origin_ip: IpAddr = "127.0.0.63".parse().unwrap();
+    let _origin = Origin::echo_on(&origin_ip.to_string(), 443).await;
+    proxy.dns.set(GATEWAY, &[origin_ip], 60);
+    let mut open = tunnels(proxy.addr).await;
+    assert_echo(&mut open[0], b"before").await;
+    proxy.abort();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            worker_threads().is_empty()
+        })
+        .await,
+        "worker threads still running: {:?}",
+        worker_threads()
+    );
+    assert!(
+        TcpStream::connect(proxy.addr).await.is_err(),
+        "nothing accepts on the port any more"
+    );
+    for stream in &mut open {
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0) | Err(_))),
+            "tunnel still open: {read:?}"
+        );
     }
 }

@@ -242,6 +242,11 @@ async fn tls_listeners(config: &Config) -> Vec<TcpListener> {
 }
 
 impl TestProxy {
+    /// Drops the proxy's `run` future without a drain, as a shut-down runtime would.
+    pub fn abort(&mut self) {
+        self.task.take().expect("stopped once").abort();
+    }
+
     /// Starts the drain and returns the task that finishes when the proxy has stopped.
     pub fn shut_down(&mut self) -> JoinHandle<()> {
         if let Some(tx) = self.shutdown.take() {
