@@ -21,10 +21,6 @@ fn ips(list: &[&str]) -> Vec<IpAddr> {
     list.iter().map(|s| s.parse().unwrap()).collect()
 }
 
-fn active(domain: &str) -> String {
-    format!("portcullis_tunnels_active{{domain=\"{domain}\"}}")
-}
-
 /// A test-local origin task, stopped when dropped.
 struct Task(JoinHandle<()>);
 
@@ -234,7 +230,7 @@ async fn host_is_matched_case_insensitively_without_the_trailing_dot() {
     assert_eq!(read_n(&mut stream, 2).await, b"hi");
     assert_echo(&mut stream, b"mixed case").await;
     // Counted under the lowercased name.
-    assert_eq!(proxy.metric(&active(GATEWAY)).await, 1.0);
+    assert_eq!(proxy.metric(&support::active_series(GATEWAY)).await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +322,7 @@ async fn client_half_close_passes_through() {
     assert_eq!(read_to_eof(&mut stream).await, b"ping");
     assert!(
         eventually(Duration::from_secs(3), || async {
-            proxy.metric(&active(GATEWAY)).await == 0.0
+            proxy.metric(&support::active_series(GATEWAY)).await == 0.0
         })
         .await
     );
@@ -358,7 +354,7 @@ async fn origin_half_close_leaves_the_client_able_to_send() {
     assert_eq!(got, b"more");
     assert!(
         eventually(Duration::from_secs(3), || async {
-            proxy.metric(&active(GATEWAY)).await == 0.0
+            proxy.metric(&support::active_series(GATEWAY)).await == 0.0
         })
         .await
     );
@@ -471,7 +467,7 @@ async fn idle_tunnels_are_closed() {
         assert_echo(&mut stream, format!("beat {i}").as_bytes()).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(proxy.metric(&active(GATEWAY)).await, 1.0);
+    assert_eq!(proxy.metric(&support::active_series(GATEWAY)).await, 1.0);
     // Then silence.
     let quiet = Instant::now();
     let mut buf = [0u8; 16];
@@ -489,7 +485,7 @@ async fn idle_tunnels_are_closed() {
     );
     assert!(
         eventually(Duration::from_secs(2), || async {
-            proxy.metric(&active(GATEWAY)).await == 0.0
+            proxy.metric(&support::active_series(GATEWAY)).await == 0.0
         })
         .await
     );
@@ -531,17 +527,17 @@ async fn tunnels_active_follows_open_tunnels() {
     let proxy = start(Setup::default()).await;
     let _origin = Origin::echo_on("127.0.0.46", 443).await;
     proxy.dns.set(GATEWAY, &ips(&["127.0.0.46"]), 60);
-    assert_eq!(proxy.metric(&active(GATEWAY)).await, 0.0);
+    assert_eq!(proxy.metric(&support::active_series(GATEWAY)).await, 0.0);
     let mut first = tunnel(proxy.addr, &format!("{GATEWAY}:443")).await;
     assert_echo(&mut first, b"one").await;
-    assert_eq!(proxy.metric(&active(GATEWAY)).await, 1.0);
+    assert_eq!(proxy.metric(&support::active_series(GATEWAY)).await, 1.0);
     let mut second = tunnel(proxy.addr, &format!("{GATEWAY}:443")).await;
     assert_echo(&mut second, b"two").await;
-    assert_eq!(proxy.metric(&active(GATEWAY)).await, 2.0);
+    assert_eq!(proxy.metric(&support::active_series(GATEWAY)).await, 2.0);
     drop(first);
     assert!(
         eventually(Duration::from_secs(3), || async {
-            proxy.metric(&active(GATEWAY)).await == 1.0
+            proxy.metric(&support::active_series(GATEWAY)).await == 1.0
         })
         .await
     );
@@ -549,7 +545,7 @@ async fn tunnels_active_follows_open_tunnels() {
     assert_eq!(read_to_eof(&mut second).await, b"");
     assert!(
         eventually(Duration::from_secs(3), || async {
-            proxy.metric(&active(GATEWAY)).await == 0.0
+            proxy.metric(&support::active_series(GATEWAY)).await == 0.0
         })
         .await
     );
@@ -608,7 +604,10 @@ async fn drain_timeout_closes_tunnels_left_open() {
         .unwrap();
     // The admin listener is gone with the proxy; read the registry directly.
     let metrics = proxy.proxy.metrics().encode();
-    assert_eq!(support::metric_value(&metrics, &active(GATEWAY)), 0.0);
+    assert_eq!(
+        support::metric_value(&metrics, &support::active_series(GATEWAY)),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -559,7 +559,7 @@ async fn websocket_sessions_hold_for_a_minute_both_ways() {
     // Halfway: both tunnels are open, and the byte counters have moved both ways already.
     let tunnels = 1.0 + f64::from(u8::from(python));
     tokio::time::sleep(SESSION / 2).await;
-    let gauge = format!("portcullis_tunnels_active{{domain=\"{GATEWAY}\"}}");
+    let gauge = support::active_series(GATEWAY);
     let metrics = proxy.metrics().await;
     assert_eq!(metric_value(&metrics, &gauge), tunnels, "{metrics}");
     let up_half = metric_value(&metrics, &bytes_series(GATEWAY, "upstream"));

@@ -227,7 +227,7 @@ async fn drive(proxy: &TestProxy, origin: &Origin) -> Traffic {
             && value(&format!(
                 "portcullis_tunnel_bytes_total{{direction=\"downstream\",domain=\"{DOMAIN}\"}}"
             )) == traffic.bytes as f64
-            && value(&format!("portcullis_tunnels_active{{domain=\"{DOMAIN}\"}}")) == 0.0
+            && value(&support::active_series(DOMAIN)) == 0.0
             && value(&format!(
                 "portcullis_tunnel_duration_seconds_count{{domain=\"{DOMAIN}\"}}"
             )) == traffic.tunnels as f64
@@ -729,7 +729,7 @@ async fn prometheus_scrapes_what_the_proxy_counts() {
     assert_eq!(reply.status, 200);
     support::assert_echo(&mut open, b"held open").await;
     let held = 9u64;
-    let gauge = format!("portcullis_tunnels_active{{domain=\"{DOMAIN}\"}}");
+    let gauge = support::active_series(DOMAIN);
     assert!(
         support::eventually(Duration::from_secs(5), || async {
             proxy.metric(&gauge).await == 1.0

@@ -490,14 +490,7 @@ async fn upstream_unreachable() {
             .await,
         1.0
     );
-    assert_eq!(
-        proxy
-            .metric(&format!(
-                "portcullis_tunnels_active{{domain=\"{GATEWAY}\"}}"
-            ))
-            .await,
-        0.0
-    );
+    assert_eq!(proxy.metric(&support::active_series(GATEWAY)).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

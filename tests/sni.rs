@@ -136,12 +136,7 @@ async fn mismatching_missing_and_non_tls_close_before_the_origin_sees_a_byte() {
     }
     assert_eq!(denied(&proxy, "sni_mismatch").await, 3.0);
     assert_eq!(denied(&proxy, "not_tls").await, 1.0);
-    assert_eq!(
-        proxy
-            .metric(&format!("portcullis_tunnels_active{{domain=\"{HOST}\"}}"))
-            .await,
-        0.0
-    );
+    assert_eq!(proxy.metric(&support::active_series(HOST)).await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,7 +116,7 @@ async fn every_worker_serves_and_a_drain_waits_for_all_of_them() {
             worker_threads()
         );
         let metrics = proxy.proxy.metrics().encode();
-        let active = format!("portcullis_tunnels_active{{domain=\"{GATEWAY}\"}}");
+        let active = support::active_series(GATEWAY);
         assert_eq!(support::metric_value(&metrics, &active), 0.0);
     }
 }

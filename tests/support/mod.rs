@@ -270,6 +270,11 @@ impl TestProxy {
     }
 }
 
+/// The `tunnels_active` series of one domain label.
+pub fn active_series(domain: &str) -> String {
+    format!("portcullis_tunnels_active{{domain=\"{domain}\"}}")
+}
+
 pub fn metric_value(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|line| {
