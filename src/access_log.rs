@@ -4,16 +4,23 @@
 //! default, one object per line) and `PORTCULLIS_LOG` filters them like any other target.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::connect::ClientInfo;
 use crate::dns::CachePath;
 use crate::error::{Outcome, Reason};
+use crate::net::proxy_protocol::Refused;
 use crate::tunnel::Totals;
 
 /// Everything known about one request when it is decided.
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub client: SocketAddr,
+    /// The load balancer in front, when a PROXY header named the client.
+    pub via: Option<SocketAddr>,
+    /// The VPC endpoint an AWS NLB received the connection on.
+    pub vpce_id: Option<Arc<str>>,
     /// The authenticated user, when `[auth]` is on.
     pub user: String,
     /// The verified client certificate's name, on a mutual-TLS listener.
@@ -28,11 +35,13 @@ pub struct Entry {
 }
 
 impl Entry {
-    pub fn new(client: SocketAddr) -> Entry {
+    pub fn new(client: &ClientInfo) -> Entry {
         Entry {
-            client,
+            client: client.addr,
+            via: client.via,
+            vpce_id: client.vpce_id.clone(),
             user: String::new(),
-            client_cert: String::new(),
+            client_cert: client.cert.as_deref().unwrap_or("").to_string(),
             host: String::new(),
             port: 0,
             rule: String::new(),
@@ -52,6 +61,8 @@ impl Entry {
             target: "access",
             event = "decision",
             client = %self.client,
+            via = %Blank(self.via),
+            vpce_id = self.vpce_id.as_deref().unwrap_or(""),
             user = %self.user,
             client_cert = %self.client_cert,
             host = %self.host,
@@ -70,6 +81,8 @@ impl Entry {
             target: "access",
             event = "tunnel_closed",
             client = %self.client,
+            via = %Blank(self.via),
+            vpce_id = self.vpce_id.as_deref().unwrap_or(""),
             user = %self.user,
             host = %self.host,
             port = self.port,
@@ -107,5 +120,22 @@ pub fn rejected(client: SocketAddr, reason: Reason) {
         client = %client,
         outcome = reason.outcome().as_str(),
         reason = reason.as_str(),
+    );
+}
+
+/// A connection whose PROXY header was refused: logged under the connection's own address,
+/// since nothing in the header is believed.
+pub fn proxy_header_refused(connection: SocketAddr, refused: Refused) {
+    let detail = match refused {
+        Refused::Invalid(invalid) => invalid.to_string(),
+        other => other.as_str().to_string(),
+    };
+    tracing::info!(
+        target: "access",
+        event = "rejected",
+        client = %connection,
+        outcome = Reason::BadRequest.outcome().as_str(),
+        reason = Reason::BadRequest.as_str(),
+        detail = %detail,
     );
 }

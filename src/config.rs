@@ -18,6 +18,7 @@ use toml::Spanned;
 
 use crate::auth::UsersFile;
 use crate::ip_ranges::IpRanges;
+use crate::net::keepalive::{KeepAlive, MAX_IDLE};
 use crate::rules::{self, Host, Rule, RuleSet};
 use crate::sni::SniMode;
 use crate::tls::{self, TlsListener};
@@ -35,6 +36,9 @@ pub struct Config {
     pub dns: DnsConfig,
     /// `[clients] allow`: source networks that may use the proxy.
     pub clients_allow: Vec<IpNet>,
+    /// `[proxy_protocol] trusted`: sources (load balancers) whose connections may begin with a
+    /// PROXY header naming the real client. Empty: nobody's header is believed.
+    pub proxy_protocol_trusted: Vec<IpNet>,
     /// `[clients] allow_cert_names`: when set, clients of a mutual-TLS listener must present a
     /// certificate whose name (first DNS SAN, else CN) is in this list.
     pub allow_cert_names: Vec<String>,
@@ -72,6 +76,9 @@ pub struct ProxyConfig {
     pub watch_config: bool,
     /// Event-loop threads; 0 means one per CPU core the process may use. Read at start only.
     pub workers: usize,
+    /// Keepalive probes on client and origin sockets, so NAT and load balancers along a quiet
+    /// streaming session do not forget it.
+    pub tcp_keepalive: KeepAlive,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +129,18 @@ impl fmt::Display for ConfigError {
 impl std::error::Error for ConfigError {}
 
 impl Config {
+    /// May a connection from `source` begin with a PROXY header?
+    pub fn trusts_proxy_header(&self, source: IpAddr) -> bool {
+        self.proxy_protocol_trusted
+            .iter()
+            .any(|net| net.contains(&source))
+    }
+
+    /// `[clients] allow`.
+    pub fn client_allowed(&self, client: IpAddr) -> bool {
+        self.clients_allow.iter().any(|net| net.contains(&client))
+    }
+
     /// The embedded AppStream profile.
     pub fn embedded() -> Config {
         Config::parse(DEFAULT_CONFIG, "<embedded default>")
@@ -233,6 +252,8 @@ struct RawConfig {
     #[serde(default)]
     clients: RawClients,
     #[serde(default)]
+    proxy_protocol: RawProxyProtocol,
+    #[serde(default)]
     auth: RawAuth,
     #[serde(default)]
     aws_ip_ranges: RawIpRanges,
@@ -255,6 +276,7 @@ struct RawProxy {
     drain_timeout: Option<Spanned<String>>,
     watch_config: Option<bool>,
     workers: Option<Spanned<i64>>,
+    tcp_keepalive: Option<Spanned<String>>,
     #[serde(default)]
     tls: Vec<RawTls>,
 }
@@ -303,6 +325,13 @@ struct RawClients {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
+struct RawProxyProtocol {
+    #[serde(default)]
+    trusted: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct RawIpRanges {
     file: Option<Spanned<String>>,
 }
@@ -339,6 +368,7 @@ impl RawConfig {
         let admin = self.admin.validate(proxy.as_ref(), p);
         let dns = self.dns.validate(p);
         let clients_allow = nets(self.clients.allow, &["0.0.0.0/0", "::/0"], p);
+        let proxy_protocol_trusted = nets(Some(self.proxy_protocol.trusted), &[], p);
         let max_tunnels_per_client = self
             .clients
             .max_tunnels_per_client
@@ -375,6 +405,7 @@ impl RawConfig {
             admin: admin?,
             dns: dns?,
             clients_allow,
+            proxy_protocol_trusted,
             allow_cert_names: self
                 .clients
                 .allow_cert_names
@@ -418,6 +449,12 @@ impl RawProxy {
                 _ => Err(format!("workers must be at most {MAX_WORKERS}")),
             })
         });
+        let tcp_keepalive = self.tcp_keepalive.as_ref().map_or(
+            Some(KeepAlive {
+                idle: Some(Duration::from_secs(60)),
+            }),
+            |v| p.check(v, |s| keepalive(s)),
+        );
         let mut duration = |value: &Option<Spanned<String>>, default: u64| {
             value
                 .as_ref()
@@ -435,6 +472,7 @@ impl RawProxy {
             max_connections: max_connections?,
             watch_config: self.watch_config.unwrap_or(false),
             workers: workers?,
+            tcp_keepalive: tcp_keepalive?,
         })
     }
 }
@@ -666,6 +704,24 @@ fn positive(n: i64, key: &str) -> Result<usize, String> {
 
 fn non_negative(n: i64, key: &str) -> Result<usize, String> {
     usize::try_from(n).map_err(|_| format!("{key} must not be negative"))
+}
+
+/// `"0s"` turns keepalive off; otherwise whole seconds up to the kernel's ceiling.
+fn keepalive(s: &str) -> Result<KeepAlive, String> {
+    let problem = || {
+        format!(
+            "tcp_keepalive {s:?} must be whole seconds up to {}s, like \"60s\" or \"5m\"; \"0s\" turns it off",
+            MAX_IDLE.as_secs()
+        )
+    };
+    let idle = parse_duration(s).ok_or_else(problem)?;
+    if idle.is_zero() {
+        return Ok(KeepAlive { idle: None });
+    }
+    if idle.subsec_nanos() != 0 || idle > MAX_IDLE {
+        return Err(problem());
+    }
+    Ok(KeepAlive { idle: Some(idle) })
 }
 
 fn positive_duration(s: &str) -> Result<Duration, String> {

@@ -26,18 +26,57 @@ use crate::auth::{Authenticator, Denied};
 use crate::dns::{CachePath, DnsFailure};
 use crate::error::Reason;
 use crate::metrics::{DomainMetrics, INVALID, Metrics};
+use crate::net::proxy_protocol::Header;
 use crate::prefixed::{ClientStream, Prefixed};
 use crate::rules::{self, Host, Rule, Verdict};
 use crate::sni::{self, Hello, SniMode};
 use crate::state::{ClientSlot, Runtime, Shared};
-use crate::tunnel::{self, Counters};
+use crate::tunnel::{self, Counters, FromClient};
 
 /// Who is on the other end of a client connection.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
+    /// The client: the connection's peer, or the one a trusted PROXY header names.
     pub addr: SocketAddr,
     /// The verified client certificate's name, on a mutual-TLS listener.
     pub cert: Option<Arc<str>>,
+    /// The load balancer the connection came through, when a PROXY header named the client.
+    pub via: Option<SocketAddr>,
+    /// The VPC endpoint an AWS NLB received the connection on (PrivateLink).
+    pub vpce_id: Option<Arc<str>>,
+}
+
+impl ClientInfo {
+    /// The client of a connection from `peer`, after its PROXY header if it sent one. A
+    /// header without a usable address (a `LOCAL` health check, `UNKNOWN`) leaves `peer`.
+    pub fn behind(peer: SocketAddr, header: Option<Header>) -> ClientInfo {
+        let mut client = ClientInfo {
+            addr: peer,
+            cert: None,
+            via: None,
+            vpce_id: None,
+        };
+        if let Some(header) = header {
+            if let Some(source) = header.source {
+                client.addr = unmapped(source);
+                client.via = Some(peer);
+            }
+            client.vpce_id = header.vpce_id.map(Arc::from);
+        }
+        client
+    }
+}
+
+/// IPv4 clients on a dual-stack socket (or in a v6 PROXY header) arrive as `::ffff:a.b.c.d`;
+/// ACLs, limits and logs speak IPv4.
+pub fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
 }
 
 /// Answers one request on a client connection.
@@ -48,15 +87,14 @@ pub async fn handle(
     permit: ConnectionPermit,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let runtime = shared.runtime();
-    let mut entry = Entry::new(client.addr);
-    entry.client_cert = client.cert.as_deref().unwrap_or("").to_string();
+    let mut entry = Entry::new(&client);
     let decided = admit(&request, &runtime, &shared, &mut entry).await;
     let domain = label(&shared.metrics, &entry, decided.as_ref().err());
     match decided {
         Ok(admitted) => {
             let upgrade = hyper::upgrade::on(&mut request);
-            if admitted.sni == SniMode::Off {
-                // Otherwise the decision is final only once the ClientHello has been read.
+            if admitted.sni != SniMode::Enforce {
+                // Under `enforce` the decision is final only once the ClientHello is read.
                 shared.metrics.request(domain.label(), &entry.rule, None);
                 entry.decision(None);
             }
@@ -297,7 +335,11 @@ async fn dial(
         return Err(Reason::DestinationNotAllowed);
     }
     entry.resolved = None;
-    connect_any(&permitted, port, deadline, entry).await
+    let stream = connect_any(&permitted, port, deadline, entry).await?;
+    if let Err(e) = runtime.config.proxy.tcp_keepalive.apply(&stream) {
+        tracing::debug!(error = %e, "cannot set TCP keepalive on an origin socket");
+    }
+    Ok(stream)
 }
 
 /// For rules with `require_ip_ranges`: is the address inside one of AWS's published prefixes
@@ -383,10 +425,8 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
             return;
         };
         let handles = &active.0;
-        let early = if sni == SniMode::Off {
-            early
-        } else {
-            let checked = check_sni(&mut client, early, sni, timeouts.hello, &mut entry).await;
+        let early = if sni == SniMode::Enforce {
+            let checked = enforce_sni(&mut client, early, timeouts.hello, &mut entry).await;
             let reason = checked.as_ref().err().copied();
             shared.metrics.request(&handles.label, &entry.rule, reason);
             entry.decision(reason);
@@ -394,14 +434,28 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
                 Ok(early) => early,
                 Err(_) => return,
             }
+        } else {
+            early
         };
         let counters = Counters {
             upstream: &handles.bytes_upstream,
             downstream: &handles.bytes_downstream,
         };
+        let mut watch = sni::Watch::default();
+        let mut watching = |bytes: &[u8]| match watch.observe(bytes) {
+            None => true,
+            Some(hello) => {
+                let _ = judge_sni(hello, SniMode::Log, &mut entry);
+                false
+            }
+        };
+        let from_client = FromClient {
+            early,
+            tap: (sni == SniMode::Log).then_some(&mut watching as tunnel::Tap<'_>),
+        };
         let totals = tunnel::relay_client(
             client,
-            early,
+            from_client,
             upstream,
             timeouts.idle,
             counters,
@@ -418,20 +472,34 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
     });
 }
 
-/// Reads the ClientHello and compares its server name with the CONNECT host. Returns the bytes
-/// to forward, or the reason the tunnel closes (under `enforce`; `log` only logs).
-async fn check_sni(
+/// Reads the ClientHello before a byte goes on (`sni = "enforce"`). Returns the bytes to
+/// forward, or the reason the tunnel closes; a mismatch gets a TLS alert first.
+async fn enforce_sni(
     client: &mut ClientStream,
     early: Bytes,
-    mode: SniMode,
     within: Duration,
     entry: &mut Entry,
 ) -> Result<Bytes, Reason> {
     let (bytes, hello) = sni::read_hello(client, early, within).await;
+    let verdict = judge_sni(hello, SniMode::Enforce, entry);
+    if verdict == Err(Reason::SniMismatch) {
+        let alert = client.write_all(&sni::ACCESS_DENIED_ALERT);
+        let _ = tokio::time::timeout(Duration::from_secs(1), alert).await;
+    }
+    verdict.map(|()| bytes)
+}
+
+/// Compares the ClientHello's server name with the CONNECT host, noting the name in `entry`
+/// and logging a tunnel that does not carry TLS for its host.
+fn judge_sni(
+    hello: Result<Hello, sni::ReadError>,
+    mode: SniMode,
+    entry: &mut Entry,
+) -> Result<(), Reason> {
     let verdict = match hello {
         Ok(Hello::Tls(Some(name))) if name == entry.host => {
             entry.sni = name;
-            return Ok(bytes);
+            return Ok(());
         }
         Ok(Hello::Tls(name)) => {
             entry.sni = name.unwrap_or_default();
@@ -447,13 +515,6 @@ async fn check_sni(
         enforced = mode == SniMode::Enforce,
         "tunnel does not carry TLS for the host it CONNECTed to"
     );
-    if mode == SniMode::Log {
-        return Ok(bytes);
-    }
-    if verdict == Reason::SniMismatch {
-        let alert = client.write_all(&sni::ACCESS_DENIED_ALERT);
-        let _ = tokio::time::timeout(Duration::from_secs(1), alert).await;
-    }
     Err(verdict)
 }
 

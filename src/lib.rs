@@ -23,6 +23,7 @@
 //! - [`prefixed`]: the client's stream (TCP or TLS) with already-read bytes put back in front.
 //! - [`tls`]: TLS for the proxy's own listeners, with optional client certificates.
 //! - [`workers`]: one single-threaded event loop per core, each accepting on its own socket.
+//! - [`net`]: below HTTP: the PROXY protocol (client identity behind a balancer), TCP keepalive.
 //!
 //! `main.rs` is a thin shell over [`Proxy`]; tests drive the same [`Proxy::run`] with
 //! listeners bound on port 0.
@@ -40,6 +41,7 @@ pub mod ip_ranges;
 pub mod log_format;
 pub mod log_writer;
 pub mod metrics;
+pub mod net;
 pub mod prefixed;
 pub mod reload;
 pub mod rules;

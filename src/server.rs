@@ -22,6 +22,7 @@ use crate::access_log;
 use crate::connect;
 use crate::connect::ClientInfo;
 use crate::error::Reason;
+use crate::net::proxy_protocol::{self, Refused};
 use crate::prefixed::{ClientStream, Prefixed};
 use crate::state::Runtime;
 use crate::state::Shared;
@@ -52,7 +53,16 @@ pub async fn accept_loop(
     let tls = kind.tls;
     let accepted_total = shared.metrics.accepted(kind.worker);
     let mut backoff = Duration::from_millis(5);
+    let mut keepalive = None;
     loop {
+        // Accepted sockets inherit keepalive from the listener; a reload changes it here.
+        let wanted = shared.keepalive();
+        if keepalive != Some(wanted) {
+            if let Err(e) = wanted.apply(&listener) {
+                tracing::warn!(error = %e, "cannot set TCP keepalive on a listener");
+            }
+            keepalive = Some(wanted);
+        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => return,
@@ -113,43 +123,66 @@ async fn serve_connection(
     permit: OwnedSemaphorePermit,
 ) {
     let runtime = shared.runtime();
-    let peer = normalize(peer);
-    if !runtime
-        .config
-        .clients_allow
-        .iter()
-        .any(|net| net.contains(&peer.ip()))
-    {
-        reject(&mut stream, peer, &shared, Reason::ClientNotAllowed).await;
+    let own = connect::unmapped(peer);
+    let trusted = runtime.config.trusts_proxy_header(own.ip());
+    // An untrusted source is refused before a byte is read; a balancer's client only once
+    // its header has said who it is.
+    if !trusted && !runtime.config.client_allowed(own.ip()) {
+        reject(&mut stream, own, &shared, Reason::ClientNotAllowed).await;
+        return;
+    }
+    // One budget for the PROXY header, the TLS handshake and the request head together.
+    let deadline = Instant::now() + runtime.config.proxy.header_timeout;
+    let mut head = BytesMut::with_capacity(1024);
+    let header = tokio::select! {
+        read = tokio::time::timeout_at(deadline, proxy_protocol::read(&mut stream, &mut head, trusted)) => read,
+        () = shared.abort.cancelled() => return,
+    };
+    let client = match header {
+        Err(_elapsed) => {
+            reject(&mut stream, own, &shared, Reason::HeaderTimeout).await;
+            return;
+        }
+        Ok(Err(Refused::Closed)) => return,
+        Ok(Err(refused)) => {
+            refuse_header(&mut stream, own, &shared, refused).await;
+            return;
+        }
+        Ok(Ok(header)) => ClientInfo::behind(own, header),
+    };
+    if trusted && !runtime.config.client_allowed(client.addr.ip()) {
+        reject(&mut stream, client.addr, &shared, Reason::ClientNotAllowed).await;
         return;
     }
     let _ = stream.set_nodelay(true);
-    // One budget for the TLS handshake and the request head together.
-    let deadline = Instant::now() + runtime.config.proxy.header_timeout;
     let (mut stream, cert) = match tls {
         None => (ClientStream::Plain(stream), None),
-        Some(index) => match handshake(stream, &runtime, index, deadline).await {
-            Ok(accepted) => accepted,
-            Err(reason) => {
-                shared.metrics.connection_rejected(reason);
-                tracing::debug!(%peer, reason, "TLS handshake failed");
-                return;
+        Some(index) => {
+            // What was read looking for a header is the start of the handshake.
+            let early = std::mem::take(&mut head);
+            match handshake(stream, early, &runtime, index, deadline).await {
+                Ok(accepted) => accepted,
+                Err(reason) => {
+                    shared.metrics.connection_rejected(reason);
+                    tracing::debug!(client = %client.addr, reason, "TLS handshake failed");
+                    return;
+                }
             }
-        },
+        }
     };
     if !cert_allowed(&runtime, tls, cert.as_deref()) {
-        reject(&mut stream, peer, &shared, Reason::ClientNotAllowed).await;
+        reject(&mut stream, client.addr, &shared, Reason::ClientNotAllowed).await;
         return;
     }
     drop(runtime);
-    let mut head = BytesMut::with_capacity(1024);
+    let client = ClientInfo { cert, ..client };
     let read = tokio::select! {
         read = tokio::time::timeout_at(deadline, read_head(&mut stream, &mut head)) => read,
         () = shared.abort.cancelled() => return,
     };
     match read {
         Err(_elapsed) => {
-            reject(&mut stream, peer, &shared, Reason::HeaderTimeout).await;
+            reject(&mut stream, client.addr, &shared, Reason::HeaderTimeout).await;
             return;
         }
         Ok(Err(HeadError::Closed)) => return,
@@ -157,15 +190,12 @@ async fn serve_connection(
             shared
                 .metrics
                 .request(crate::metrics::INVALID, "", Some(Reason::BadRequest));
-            let mut entry = access_log::Entry::new(peer);
-            entry.client_cert = cert.as_deref().unwrap_or("").to_string();
-            entry.decision(Some(Reason::BadRequest));
+            access_log::Entry::new(&client).decision(Some(Reason::BadRequest));
             let _ = write_and_close(&mut stream, Reason::BadRequest).await;
             return;
         }
         Ok(Ok(())) => {}
     }
-    let client = ClientInfo { addr: peer, cert };
     let io = TokioIo::new(Prefixed::new(head.freeze(), stream));
     // The connection's permit moves into the tunnel if one opens, so open tunnels count
     // against `max_connections` for as long as they live.
@@ -183,11 +213,19 @@ async fn serve_connection(
     }
 }
 
+/// A PROXY header that cannot be believed: 400, logged with why, counted.
+async fn refuse_header(stream: &mut TcpStream, own: SocketAddr, shared: &Shared, refused: Refused) {
+    shared.metrics.connection_rejected("proxy_header");
+    access_log::proxy_header_refused(own, refused);
+    let _ = write_and_close(stream, Reason::BadRequest).await;
+}
+
 /// Completes the TLS handshake of a `[[proxy.tls]]` listener by `deadline`; returns the
 /// stream and the verified client certificate's name, if the client presented one. The error
 /// is the `connections_rejected_total` reason.
 async fn handshake(
     stream: TcpStream,
+    early: BytesMut,
     runtime: &Runtime,
     index: usize,
     deadline: Instant,
@@ -199,7 +237,17 @@ async fn handshake(
         .get(index)
         .ok_or("tls_listener_removed")?;
     let acceptor = tokio_rustls::TlsAcceptor::from(listener.config.clone());
-    let tls = tokio::time::timeout_at(deadline, acceptor.accept(stream))
+    let accept = acceptor.accept_with(stream, |connection| {
+        let mut rest = &early[..];
+        while !rest.is_empty() {
+            // A failure here shows up as a failed handshake.
+            match connection.read_tls(&mut rest) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    });
+    let tls = tokio::time::timeout_at(deadline, accept)
         .await
         .map_err(|_| "header_timeout")?
         .map_err(|_| "tls_handshake")?;
@@ -220,17 +268,6 @@ fn cert_allowed(runtime: &Runtime, tls: Option<usize>, cert: Option<&str>) -> bo
         .and_then(|i| runtime.config.proxy.tls.get(i))
         .is_some_and(|listener| listener.mutual);
     !mutual || names.is_empty() || cert.is_some_and(|name| names.iter().any(|n| n == name))
-}
-
-/// IPv4 clients on a dual-stack socket arrive as `::ffff:a.b.c.d`; ACLs are written in IPv4.
-fn normalize(peer: SocketAddr) -> SocketAddr {
-    match peer.ip() {
-        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), peer.port()),
-            None => peer,
-        },
-        _ => peer,
-    }
 }
 
 async fn reject<S>(stream: &mut S, peer: SocketAddr, shared: &Shared, reason: Reason)

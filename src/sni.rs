@@ -95,6 +95,43 @@ pub async fn read_hello<S: AsyncRead + Unpin>(
     (buf.freeze(), hello)
 }
 
+/// The ClientHello read from a copy of the client's bytes as they pass, for `sni = "log"`:
+/// nothing waits for it. Holds a copy only while a hello is split over several reads, and
+/// frees it once there is a verdict.
+#[derive(Debug, Default)]
+pub struct Watch {
+    seen: BytesMut,
+}
+
+impl Watch {
+    /// Adds `bytes`; returns what the tunnel carries once that is known.
+    pub fn observe(&mut self, bytes: &[u8]) -> Option<Result<Hello, ReadError>> {
+        let verdict = if self.seen.is_empty() {
+            // The usual case: the whole hello in one read, parsed where it lies.
+            match parse(bytes) {
+                Parse::Done(hello) => Some(Ok(hello)),
+                Parse::NeedMore => self.keep(bytes),
+            }
+        } else {
+            self.keep(bytes)
+        };
+        if verdict.is_some() {
+            self.seen = BytesMut::new();
+        }
+        verdict
+    }
+
+    fn keep(&mut self, bytes: &[u8]) -> Option<Result<Hello, ReadError>> {
+        let room = MAX_HELLO.saturating_sub(self.seen.len());
+        self.seen.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        match parse(&self.seen) {
+            Parse::Done(hello) => Some(Ok(hello)),
+            Parse::NeedMore if self.seen.len() >= MAX_HELLO => Some(Err(ReadError::TooLarge)),
+            Parse::NeedMore => None,
+        }
+    }
+}
+
 /// A fatal `access_denied` alert, so a TLS client reports a refusal rather than a reset.
 pub const ACCESS_DENIED_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x31];
 

@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::destination::Policy;
 use crate::dns::Resolver;
 use crate::metrics::Metrics;
+use crate::net::keepalive::KeepAlive;
 
 /// One config, compiled into what the data path uses. Immutable; a reload builds a new one.
 pub struct Runtime {
@@ -57,6 +58,8 @@ pub struct Shared {
     /// Fired when the drain timeout runs out: open tunnels close.
     pub abort: CancellationToken,
     draining: AtomicBool,
+    /// The current `[proxy] tcp_keepalive`, for accept loops to compare against cheaply.
+    keepalive: ArcSwap<KeepAlive>,
     /// Open tunnels (and dials in flight) per client address.
     per_client: Arc<DashMap<IpAddr, usize>>,
 }
@@ -80,6 +83,7 @@ impl Drop for ClientSlot {
 impl Shared {
     pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Shared {
         let limit = runtime.config.proxy.max_connections;
+        let keepalive = runtime.config.proxy.tcp_keepalive;
         Shared {
             runtime: ArcSwap::from_pointee(runtime),
             metrics,
@@ -89,6 +93,7 @@ impl Shared {
             tasks: TaskTracker::new(),
             abort: CancellationToken::new(),
             draining: AtomicBool::new(false),
+            keepalive: ArcSwap::from_pointee(keepalive),
             per_client: Arc::new(DashMap::new()),
         }
     }
@@ -102,6 +107,8 @@ impl Shared {
     pub fn install(&self, runtime: Runtime) {
         self.resize_connections(runtime.config.proxy.max_connections);
         self.metrics.set_max_domains(runtime.config.max_domains);
+        self.keepalive
+            .store(Arc::new(runtime.config.proxy.tcp_keepalive));
         self.runtime.store(Arc::new(runtime));
     }
 
@@ -133,6 +140,10 @@ impl Shared {
             per_client: self.per_client.clone(),
             client,
         })
+    }
+
+    pub fn keepalive(&self) -> KeepAlive {
+        **self.keepalive.load()
     }
 
     pub fn start_draining(&self) {

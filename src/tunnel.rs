@@ -72,6 +72,30 @@ pub struct Counters<'a> {
     pub downstream: &'a IntCounter,
 }
 
+/// Looks at the client's bytes as they are forwarded, never holding one back (the
+/// `sni = "log"` check reads its ClientHello this way). Returns `false` once it has seen
+/// enough; it is not called again.
+pub type Tap<'a> = &'a mut (dyn FnMut(&[u8]) -> bool + Send);
+
+/// The client side of a tunnel as it opens: what the client already sent behind its CONNECT
+/// head (it goes to the origin first), and who watches what it sends.
+pub struct FromClient<'a> {
+    pub early: Bytes,
+    pub tap: Option<Tap<'a>>,
+}
+
+impl FromClient<'_> {
+    pub fn early(early: Bytes) -> FromClient<'static> {
+        FromClient { early, tap: None }
+    }
+}
+
+/// Shows `bytes` to the tap; keeps it only while it wants more.
+fn show<'a>(tap: Option<Tap<'a>>, bytes: &[u8]) -> Option<Tap<'a>> {
+    let tap = tap?;
+    (bytes.is_empty() || tap(bytes)).then_some(tap)
+}
+
 /// How bytes move between the two sockets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -97,7 +121,7 @@ impl Mode {
 pub async fn relay(
     mode: Mode,
     client: TcpStream,
-    early: Bytes,
+    from_client: FromClient<'_>,
     upstream: TcpStream,
     idle_timeout: Duration,
     counters: Counters<'_>,
@@ -105,16 +129,19 @@ pub async fn relay(
 ) -> Totals {
     let meter = Meter::new(counters);
     let up = async {
+        let FromClient { early, tap } = from_client;
         // Moved in and dropped once sent: the buffer behind the early bytes (the ClientHello
         // read for the SNI check) must not stay allocated for the life of an idle tunnel.
-        {
+        let tap = {
             let early = early;
+            let tap = show(tap, &early);
             write_all(&upstream, &early).await?;
             meter.upstream().moved(early.len());
-        }
-        forward(mode, &client, &upstream, meter.upstream()).await
+            tap
+        };
+        forward(mode, &client, &upstream, meter.upstream(), tap).await
     };
-    let down = forward(mode, &upstream, &client, meter.downstream());
+    let down = forward(mode, &upstream, &client, meter.downstream(), None);
     meter.run(up, down, idle_timeout, abort).await
 }
 
@@ -122,7 +149,7 @@ pub async fn relay(
 /// to the proxy must pass through user space to be decrypted, so it is copied.
 pub async fn relay_client(
     client: ClientStream,
-    early: Bytes,
+    from_client: FromClient<'_>,
     upstream: TcpStream,
     idle_timeout: Duration,
     counters: Counters<'_>,
@@ -131,10 +158,19 @@ pub async fn relay_client(
     match client {
         ClientStream::Plain(tcp) => {
             let mode = Mode::best();
-            relay(mode, tcp, early, upstream, idle_timeout, counters, abort).await
+            relay(
+                mode,
+                tcp,
+                from_client,
+                upstream,
+                idle_timeout,
+                counters,
+                abort,
+            )
+            .await
         }
         ClientStream::Tls(tls) => {
-            relay_streams(*tls, early, upstream, idle_timeout, counters, abort).await
+            relay_streams(*tls, from_client, upstream, idle_timeout, counters, abort).await
         }
     }
 }
@@ -142,7 +178,7 @@ pub async fn relay_client(
 /// The general relay: any client stream, a TCP origin.
 async fn relay_streams<C>(
     client: C,
-    early: Bytes,
+    from_client: FromClient<'_>,
     mut upstream: TcpStream,
     idle_timeout: Duration,
     counters: Counters<'_>,
@@ -155,14 +191,22 @@ where
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut origin_read, mut origin_write) = upstream.split();
     let up = async {
-        {
+        let FromClient { early, tap } = from_client;
+        let tap = {
             let early = early;
+            let tap = show(tap, &early);
             origin_write.write_all(&early).await?;
             meter.upstream().moved(early.len());
-        }
-        pump(&mut client_read, &mut origin_write, meter.upstream()).await
+            tap
+        };
+        pump(&mut client_read, &mut origin_write, meter.upstream(), tap).await
     };
-    let down = pump(&mut origin_read, &mut client_write, meter.downstream());
+    let down = pump(
+        &mut origin_read,
+        &mut client_write,
+        meter.downstream(),
+        None,
+    );
     meter.run(up, down, idle_timeout, abort).await
 }
 
@@ -230,7 +274,12 @@ impl<'a> Meter<'a> {
 }
 
 /// Copies one direction of a generic stream until EOF, then passes the half-close on.
-async fn pump<R, W>(reader: &mut R, writer: &mut W, direction: Direction<'_>) -> io::Result<()>
+async fn pump<R, W>(
+    reader: &mut R,
+    writer: &mut W,
+    direction: Direction<'_>,
+    mut tap: Option<Tap<'_>>,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -242,6 +291,7 @@ where
             let _ = writer.shutdown().await;
             return Ok(());
         }
+        tap = show(tap, &buffer[..n]);
         writer.write_all(&buffer[..n]).await?;
         direction.moved(n);
     }
@@ -269,21 +319,23 @@ async fn forward(
     from: &TcpStream,
     to: &TcpStream,
     direction: Direction<'_>,
+    mut tap: Option<Tap<'_>>,
 ) -> io::Result<()> {
     match mode {
         // Handshakes and interactive traffic are small: a pipe (two more descriptors and
         // syscalls to make and close) pays off only once a direction carries bulk data.
+        // A tap has always seen enough by then (a ClientHello is far below the switch).
         #[cfg(target_os = "linux")]
         Mode::Splice => {
-            if copy_forward(from, to, &direction, SPLICE_AFTER).await? == Copied::Bulk
+            if copy_forward(from, to, &direction, SPLICE_AFTER, &mut tap).await? == Copied::Bulk
                 && !splice::forward(from, to, &direction).await?
             {
                 direction.pipe_fallback.store(true, Ordering::Relaxed);
-                copy_forward(from, to, &direction, u64::MAX).await?;
+                copy_forward(from, to, &direction, u64::MAX, &mut None).await?;
             }
         }
         _ => {
-            copy_forward(from, to, &direction, u64::MAX).await?;
+            copy_forward(from, to, &direction, u64::MAX, &mut tap).await?;
         }
     }
     // The peer may already be gone; the other direction decides how the tunnel ends.
@@ -311,13 +363,14 @@ async fn copy_forward(
     to: &TcpStream,
     direction: &Direction<'_>,
     budget: u64,
+    tap: &mut Option<Tap<'_>>,
 ) -> io::Result<Copied> {
     let mut moved = 0u64;
     loop {
         let mut step = Step::Nothing;
         let read = from.try_io(Interest::READABLE, || {
             let drained;
-            (step, drained) = read_and_send(from, to)?;
+            (step, drained) = read_and_send(from, to, tap)?;
             // A read that did not fill the buffer emptied the socket: saying so clears the
             // readiness tokio holds (as its own `poll_read` does), which saves the read that
             // would only have returned EAGAIN.
@@ -374,7 +427,11 @@ thread_local! {
 
 /// Reads once into the scratch buffer and sends what it got; also says whether the read
 /// drained the socket.
-fn read_and_send(from: &TcpStream, to: &TcpStream) -> io::Result<(Step, bool)> {
+fn read_and_send(
+    from: &TcpStream,
+    to: &TcpStream,
+    tap: &mut Option<Tap<'_>>,
+) -> io::Result<(Step, bool)> {
     SCRATCH.with_borrow_mut(|buffer| {
         let n = match from.try_read(buffer) {
             Ok(0) => return Ok((Step::Eof, false)),
@@ -382,6 +439,9 @@ fn read_and_send(from: &TcpStream, to: &TcpStream) -> io::Result<(Step, bool)> {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok((Step::Nothing, true)),
             Err(e) => return Err(e),
         };
+        if tap.is_some() {
+            *tap = show(tap.take(), &buffer[..n]);
+        }
         let sent = match to.try_write(&buffer[..n]) {
             Ok(sent) => sent,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,

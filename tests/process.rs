@@ -3,103 +3,15 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
+use support::binary::{Running, wait_for};
 use support::{Origin, Setup, TestDns, assert_echo, connect, http_get, request};
-
-/// A running `portcullis` child with its stdout collected line by line.
-struct Running {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-    proxy: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Running {
-    fn start(config: &Path) -> Running {
-        Running::start_with_fd_limit(config, None)
-    }
-
-    /// With `Some(n)`, the proxy runs under `ulimit -n n`.
-    fn start_with_fd_limit(config: &Path, fds: Option<u32>) -> Running {
-        let limit = fds.map_or(String::new(), |n| format!("ulimit -n {n}; "));
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(format!("{limit}exec \"$0\" --config \"$1\""))
-            .arg(env!("CARGO_BIN_EXE_portcullis"))
-            .arg(config)
-            .env("PORTCULLIS_LOG", "info")
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let stdout = child.stdout.take().unwrap();
-        let sink = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let serving = wait_for(&lines, "portcullis serving");
-        let field = |name: &str| -> SocketAddr {
-            let start = serving.find(&format!("\"{name}\":\"")).unwrap() + name.len() + 4;
-            let end = serving[start..].find('"').unwrap() + start;
-            serving[start..end].parse().unwrap()
-        };
-        Running {
-            proxy: field("listen"),
-            admin: field("admin"),
-            child,
-            lines,
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([format!("-{name}"), self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    fn log(&self) -> String {
-        self.lines.lock().unwrap().join("\n")
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + within;
-        while std::time::Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status.code().unwrap_or(-1));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for(lines: &Mutex<Vec<String>>, needle: &str) -> String {
-    for _ in 0..500 {
-        if let Some(line) = lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
-            return line.clone();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("no log line with {needle:?}: {:?}", lines.lock().unwrap());
-}
 
 /// What every test of the binary starts from: a DNS server answering `names` with
 /// 127.0.0.1, an echo origin there, and a directory for the config file.

@@ -44,7 +44,7 @@ async fn relayed(
         let totals = tunnel::relay(
             mode,
             proxy_client,
-            Bytes::from_static(early),
+            tunnel::FromClient::early(Bytes::from_static(early)),
             proxy_origin,
             idle,
             counters,

@@ -6,6 +6,7 @@
 //! that let 10.x through, cannot send a packet off this machine.
 #![allow(dead_code)]
 
+pub mod binary;
 pub mod dns;
 pub mod tls;
 pub mod web;
@@ -97,6 +98,10 @@ pub struct Setup {
     pub workers: usize,
     /// Bind the proxy listener without `SO_REUSEPORT`, so workers share one socket.
     pub shared_listener: bool,
+    /// `[proxy_protocol] trusted`.
+    pub proxy_protocol_trusted: Vec<&'static str>,
+    /// `[proxy] tcp_keepalive`.
+    pub tcp_keepalive: &'static str,
 }
 
 impl Default for Setup {
@@ -120,6 +125,8 @@ impl Default for Setup {
             allow_cert_names: Vec::new(),
             workers: 0,
             shared_listener: false,
+            proxy_protocol_trusted: Vec::new(),
+            tcp_keepalive: "60s",
         }
     }
 }
@@ -138,8 +145,8 @@ impl Setup {
             .expect("the default config has rules");
         format!(
             "[proxy]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = {}\nheader_timeout = {:?}\n\
-             connect_timeout = {:?}\nidle_timeout = {:?}\ndrain_timeout = {:?}\nworkers = {}\n\n\
-             {}\n[admin]\nlisten = \"127.0.0.1:0\"\nadvertise = \"proxy.test:3128\"\n\n\
+             connect_timeout = {:?}\nidle_timeout = {:?}\ndrain_timeout = {:?}\nworkers = {}\n\
+             tcp_keepalive = {:?}\n\n{}\n[proxy_protocol]\ntrusted = [{}]\n\n[admin]\nlisten = \"127.0.0.1:0\"\nadvertise = \"proxy.test:3128\"\n\n\
              [dns]\nservers = [\"{dns}\"]\ncache_size = {}\nhosts = {{ {} }}\n\n\
              [clients]\nallow = [{}]\nallow_cert_names = [{}]\nmax_tunnels_per_client = {}\n\n{}\
              [destinations]\nallow = [{}]\n\n[metrics]\nmax_domains = {}\n\n{}\n{}\n",
@@ -149,7 +156,9 @@ impl Setup {
             self.idle_timeout,
             self.drain_timeout,
             self.workers,
+            self.tcp_keepalive,
             self.proxy_tls,
+            list(&self.proxy_protocol_trusted),
             self.cache_size,
             self.dns_hosts,
             list(&self.clients_allow),
@@ -164,6 +173,8 @@ impl Setup {
             self.extra_rules,
         )
         .lines()
+        // The profile's own `sni` settings give way to the test's.
+        .filter(|line| !line.starts_with("sni = "))
         .map(|line| {
             if line.starts_with("[[rule]]") {
                 format!("[[rule]]\nsni = {:?}\n", self.sni)
