@@ -148,7 +148,16 @@ async fn serve_connection(
             refuse_header(&mut stream, own, &shared, refused).await;
             return;
         }
-        Ok(Ok(header)) => ClientInfo::behind(own, header),
+        Ok(Ok(header)) => {
+            let health_check = header.as_ref().is_some_and(|h| h.local);
+            let client = ClientInfo::behind(own, header);
+            if health_check && !runtime.config.client_allowed(client.addr.ip()) {
+                // A balancer's `LOCAL` health check is not a client: no reply, no log line.
+                tracing::debug!(balancer = %own, "PROXY LOCAL health check");
+                return;
+            }
+            client
+        }
     };
     if trusted && !runtime.config.client_allowed(client.addr.ip()) {
         reject(&mut stream, client.addr, &shared, Reason::ClientNotAllowed).await;
@@ -240,12 +249,14 @@ async fn handshake(
     let accept = acceptor.accept_with(stream, |connection| {
         let mut rest = &early[..];
         while !rest.is_empty() {
-            // A failure here shows up as a failed handshake.
             match connection.read_tls(&mut rest) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
             }
         }
+        // Processed now: the handshake loop reads the socket only for more, and the client,
+        // having sent its whole hello, is waiting for ours. An error here fails the handshake.
+        let _ = connection.process_new_packets();
     });
     let tls = tokio::time::timeout_at(deadline, accept)
         .await

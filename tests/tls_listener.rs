@@ -323,3 +323,58 @@ async fn a_reload_serves_the_renewed_certificate() {
         "the renewed certificate"
     );
 }
+
+/// A balancer's PROXY header comes before the TLS handshake, often in the same segment as the
+/// ClientHello; from an untrusted source it gets a plain-text 400 instead of a handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_header_comes_before_the_handshake() {
+    use portcullis::net::proxy_protocol::sample::{v1, v2};
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "proxy-ca");
+    let (cert, key) = pki.server_leaf("proxy");
+    let origin = Origin::echo().await;
+    let setup = Setup {
+        proxy_tls: tls_table(&cert, &key, None),
+        proxy_protocol_trusted: vec!["127.0.0.1/32"],
+        clients_allow: vec!["192.0.2.0/24"],
+        extra_rules: format!(
+            "[[rule]]\nname = \"t\"\ndomains = [{HOST:?}]\nports = [\"{}\"]\n",
+            origin.addr.port()
+        ),
+        ..Setup::default()
+    };
+    let proxy = start(setup.clone()).await;
+    proxy.dns.set(HOST, &["127.0.0.1".parse().unwrap()], 60);
+    let to = proxy.tls_addrs[0];
+    let connector = connector(&pki.ca_pem, None);
+    let name = ServerName::IpAddress("127.0.0.1".parse::<IpAddr>().unwrap().into());
+    let authority = format!("{HOST}:{}", origin.addr.port());
+    let mut tcp = TcpStream::connect(to).await.unwrap();
+    tcp.write_all(&v2("192.0.2.50:4000".parse().unwrap(), to, &[]))
+        .await
+        .unwrap();
+    let mut tls = connector.connect(name.clone(), tcp).await.unwrap();
+    assert_eq!(connect_over(&mut tls, &authority).await.unwrap(), 200);
+    tls.write_all(b"behind a balancer").await.unwrap();
+    let mut back = [0u8; 17];
+    tls.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"behind a balancer");
+    // Without a header the balancer's own address is not allowed: refused before any TLS,
+    // as every client the ACL turns away is.
+    let tcp = TcpStream::connect(to).await.unwrap();
+    assert!(connector.connect(name, tcp).await.is_err());
+
+    let untrusted = Setup {
+        proxy_protocol_trusted: vec![],
+        clients_allow: vec!["0.0.0.0/0"],
+        ..setup
+    };
+    let proxy = start(untrusted).await;
+    let to = proxy.tls_addrs[0];
+    let mut tcp = TcpStream::connect(to).await.unwrap();
+    tcp.write_all(&v1("192.0.2.50:4000".parse().unwrap(), to))
+        .await
+        .unwrap();
+    let reply = support::read_reply(&mut tcp).await;
+    assert_eq!((reply.status, reply.reason()), (400, Some("bad_request")));
+}

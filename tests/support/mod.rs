@@ -439,3 +439,22 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Whether an external tool the test drives is here. Missing, it fails the test under
+/// `PORTCULLIS_REQUIRE_TOOLS=1` (as CI runs, after installing it), else the test is skipped.
+pub fn have_tool(what: &str, command: &[&str]) -> bool {
+    let ok = Command::new(command[0])
+        .args(&command[1..])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return true;
+    }
+    let required = std::env::var("PORTCULLIS_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "{what} is missing ({command:?} failed) and PORTCULLIS_REQUIRE_TOOLS=1"
+    );
+    eprintln!("SKIPPED: {what} is missing ({command:?} failed)");
+    false
+}
