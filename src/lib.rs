@@ -182,6 +182,10 @@ impl Proxy {
             .enumerate()
             .map(|(i, l)| (l, Some(i)));
         let accepting: Vec<_> = plain.chain(tls).collect();
+        let keepalive = self.shared.keepalive();
+        for (listener, _) in &accepting {
+            net::keepalive::listening(listener, keepalive);
+        }
         let mut stop_on_drop = StopOnDrop {
             stop_accepting: stop_accepting.clone(),
             shared: self.shared.clone(),

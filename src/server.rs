@@ -22,6 +22,7 @@ use crate::access_log;
 use crate::connect;
 use crate::connect::ClientInfo;
 use crate::error::Reason;
+use crate::net::keepalive;
 use crate::net::proxy_protocol::{self, Refused};
 use crate::prefixed::{ClientStream, Prefixed};
 use crate::state::Runtime;
@@ -53,16 +54,9 @@ pub async fn accept_loop(
     let tls = kind.tls;
     let accepted_total = shared.metrics.accepted(kind.worker);
     let mut backoff = Duration::from_millis(5);
-    let mut keepalive = None;
+    // Set on the listener before it was handed here (see `keepalive::listening`).
+    let mut keepalive = shared.keepalive();
     loop {
-        // Accepted sockets inherit keepalive from the listener; a reload changes it here.
-        let wanted = shared.keepalive();
-        if keepalive != Some(wanted) {
-            if let Err(e) = wanted.apply(&listener) {
-                tracing::warn!(error = %e, "cannot set TCP keepalive on a listener");
-            }
-            keepalive = Some(wanted);
-        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => return,
@@ -81,6 +75,14 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        // Accepted sockets inherit keepalive from the listener. After a reload changed it,
+        // the listener is set anew, and so is this socket, which it had already made.
+        let wanted = shared.keepalive();
+        if keepalive != wanted {
+            keepalive::listening(&listener, wanted);
+            let _ = wanted.apply(&stream);
+            keepalive = wanted;
+        }
         let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
             reject_overloaded(stream, peer, &shared);
             continue;

@@ -81,7 +81,9 @@ impl Worker {
     ) -> io::Result<Worker> {
         let mut own = Vec::with_capacity(listeners.len());
         for (listener, tls) in listeners {
-            own.push((sibling(listener)?, *tls));
+            let own_socket = sibling(listener)?;
+            crate::net::keepalive::listening(&own_socket, shared.keepalive());
+            own.push((own_socket, *tls));
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()

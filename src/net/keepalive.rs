@@ -7,9 +7,11 @@
 //! middleboxes' state warm and, if the path really is gone, end the tunnel instead of
 //! leaving it hanging until `idle_timeout`.
 //!
-//! Client sockets inherit the options from their listening socket (Linux copies them on
-//! accept), so setting the listener once saves four system calls per connection; origin
-//! sockets get them after connecting.
+//! Client sockets inherit the options from their listening socket (Linux copies them when the
+//! handshake completes), so setting the listener once saves four system calls per
+//! connection; origin sockets get them after connecting. A listener is set before its accept
+//! loop starts and again when a reload changes the value: connections that completed their
+//! handshake before that keep what they were accepted with, as open tunnels keep their config.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -38,7 +40,8 @@ impl KeepAlive {
         self.idle.map(|idle| idle.min(MAX_INTERVAL))
     }
 
-    /// Sets (or clears) the options on one socket, listening or connected.
+    /// Sets (or clears) the options on one socket, listening or connected. The caller decides
+    /// what a failure means.
     pub fn apply(&self, socket: impl AsFd) -> io::Result<()> {
         let socket = socket.as_fd();
         let (Some(idle), Some(interval)) = (self.idle, self.interval()) else {
@@ -49,5 +52,13 @@ impl KeepAlive {
         sockopt::set_tcp_keepcnt(socket, PROBES)?;
         sockopt::set_socket_keepalive(socket, true)?;
         Ok(())
+    }
+}
+
+/// Sets a listening socket, so the connections it accepts inherit `keepalive`. A failure is
+/// logged: the proxy serves on, without keepalive on that listener's clients.
+pub fn listening(listener: impl AsFd, keepalive: KeepAlive) {
+    if let Err(e) = keepalive.apply(listener) {
+        tracing::warn!(error = %e, "cannot set TCP keepalive on a listening socket");
     }
 }
