@@ -496,3 +496,50 @@ pub fn hyper_serves(data: &[u8]) -> bool {
         })
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// proxy_header: the PROXY protocol v1/v2 parser
+
+/// The PROXY header parser, on whatever a balancer (or anyone on its subnet) could send.
+///
+/// - No panic, and a complete header never claims more bytes than it was given.
+/// - A v1 header ends with CRLF within 107 bytes; a v2 header is exactly its length field
+///   plus 16.
+/// - Splitting changes nothing: every prefix of the input parses as "need more", or as what
+///   the whole input parses as, so a header split over TCP segments is read the same.
+/// - Absent exactly when the input starts with neither signature.
+/// - A VPC endpoint ID, when one is taken, is 1 to 64 letters, digits and dashes.
+pub fn proxy_header(data: &[u8]) {
+    use portcullis::net::proxy_protocol::{Parsed, V2_SIGNATURE, parse};
+    let whole = parse(data);
+    if let Parsed::Complete(header, length) = &whole {
+        assert!(*length <= data.len(), "{length} > {}", data.len());
+        match header.version {
+            1 => assert!(data[..*length].ends_with(b"\r\n") && *length <= 107),
+            _ => {
+                let declared = usize::from(u16::from_be_bytes([data[14], data[15]]));
+                assert_eq!(*length, 16 + declared);
+            }
+        }
+        if let Some(id) = &header.vpce_id {
+            assert!(!id.is_empty() && id.len() <= 64, "{id:?}");
+            assert!(
+                id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'),
+                "{id:?}"
+            );
+        }
+    }
+    let starts = |sig: &[u8]| {
+        let n = data.len().min(sig.len());
+        data[..n] == sig[..n]
+    };
+    let neither = !starts(&V2_SIGNATURE) && !starts(b"PROXY ");
+    assert_eq!(whole == Parsed::Absent, neither, "{whole:?}");
+    for cut in 0..data.len().min(300) {
+        let part = parse(&data[..cut]);
+        assert!(
+            part == Parsed::Incomplete || part == whole,
+            "prefix of {cut} bytes parses as {part:?}, the whole as {whole:?}"
+        );
+    }
+}

@@ -88,6 +88,14 @@ fn request_head_seeds() {
     );
 }
 
+#[test]
+fn proxy_header_seeds() {
+    assert_none(
+        "proxy_header",
+        run_all(oracles::proxy_header, corpus("proxy_header")),
+    );
+}
+
 /// The captured ClientHellos are what real clients send: each must yield its server name.
 #[test]
 fn real_client_hellos_name_their_server() {
@@ -172,6 +180,20 @@ fn tokens(target: &str) -> &'static [&'static [u8]] {
             b"443",
             b"cloudfront.net",
             b"aws.amazon.com",
+        ],
+        "proxy_header" => &[
+            b"PROXY ",
+            b"TCP4 ",
+            b"TCP6 ",
+            b"UNKNOWN",
+            b"\r\n",
+            b"\r\n\r\n\0\r\nQUIT\n",
+            b"\x21\x11",
+            b"\x20\x00",
+            b"\xea\x00\x05\x01vpce",
+            b"\xff\xff",
+            b" ",
+            b"0",
         ],
         "client_hello" => &[
             b"\x16\x03\x01",
@@ -281,6 +303,11 @@ fn client_hello_mutated() {
 #[test]
 fn request_head_mutated() {
     mutated("request_head", oracles::request_head);
+}
+
+#[test]
+fn proxy_header_mutated() {
+    mutated("proxy_header", oracles::proxy_header);
 }
 
 // ---------------------------------------------------------------------------------------------

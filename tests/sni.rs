@@ -170,6 +170,61 @@ async fn log_mode_keeps_the_tunnel_and_off_mode_never_looks() {
     }
 }
 
+/// `sni = "log"` watches a copy: a protocol whose server speaks first gets its greeting at
+/// once (under `enforce` it would wait for a ClientHello that never comes), and the client's
+/// bytes reach the origin as they are sent, even half a ClientHello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_mode_never_holds_a_byte_in_either_direction() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let origin = listener.local_addr().unwrap();
+    let (tx, mut received) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        stream.write_all(b"220 greeting first\r\n").await.unwrap();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let setup = Setup {
+        sni: "log",
+        // Long, so that waiting for a ClientHello could not hide inside the test's bounds.
+        header_timeout: "30s",
+        extra_rules: format!(
+            "[[rule]]\nname = \"cf-test\"\ndomains = [\"*.cloudfront.net\"]\nports = [\"{}\"]\n",
+            origin.port()
+        ),
+        ..Setup::default()
+    };
+    let proxy = start(setup).await;
+    proxy.dns.set(HOST, &["127.0.0.1".parse().unwrap()], 60);
+    let (reply, mut stream) = connect(proxy.addr, &format!("{HOST}:{}", origin.port())).await;
+    assert_eq!(reply.status, 200);
+    let mut greeting = [0u8; 20];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut greeting))
+        .await
+        .expect("the greeting is not held back")
+        .unwrap();
+    assert_eq!(&greeting, b"220 greeting first\r\n");
+    let hello = records(&client_hello(Some(HOST)), 16384);
+    let (first, rest) = hello.split_at(10);
+    stream.write_all(first).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), received.recv())
+        .await
+        .expect("half a ClientHello is forwarded at once")
+        .unwrap();
+    assert_eq!(got, first);
+    stream.write_all(rest).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < rest.len() {
+        got.extend(received.recv().await.unwrap());
+    }
+    assert_eq!(got, rest);
+    assert_eq!(denied(&proxy, "not_tls").await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_hello_behind_the_connect_head_is_checked_and_forwarded() {
     let (origin, mut received) = recording_origin().await;
