@@ -6,6 +6,12 @@
 //!
 //! Prefixes are merged into sorted, disjoint ranges per service; a lookup is a binary search,
 //! so ten thousand prefixes cost about fourteen comparisons.
+//!
+//! The set in force lives in [`crate::state::Shared`], not only in the config: [`refresh`]
+//! replaces it when AWS publishes a newer file, [`fetch`] gets that file.
+
+pub mod fetch;
+pub mod refresh;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
