@@ -320,10 +320,28 @@ fn body_error(error: Box<dyn std::error::Error + Send + Sync>) -> FetchError {
         return FetchError::TooLarge;
     }
     match error.downcast::<hyper::Error>() {
-        Ok(error) if error.is_incomplete_message() => FetchError::Truncated(error.to_string()),
+        Ok(error) if error.is_incomplete_message() || ended_early(&error) => {
+            FetchError::Truncated(error.to_string())
+        }
         Ok(error) => FetchError::Http(*error),
         Err(other) => FetchError::Truncated(other.to_string()),
     }
+}
+
+/// The connection closed before the body was whole (fewer bytes than `Content-Length`, or no
+/// last chunk): the server sent part of a file, which is a bad file rather than a bad network.
+fn ended_early(error: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::UnexpectedEof)
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 fn host_text(host: &Host) -> String {
