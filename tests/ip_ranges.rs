@@ -643,7 +643,17 @@ async fn the_fetch_obeys_the_destination_policy() {
     // Through the test DNS server, as any name the proxy resolves.
     r.proxy.dns.set(tls::IP_RANGES, &[ip("127.0.0.1")], 60);
     r.attempts(1.0).await;
-    match r.proxy.proxy.refresh_ip_ranges().await {
+    // The attempt at start may have asked before the name existed; the resolver then keeps
+    // that NXDOMAIN for the negative TTL (1 s).
+    let mut outcome = r.proxy.proxy.refresh_ip_ranges().await;
+    for _ in 0..50 {
+        if !matches!(outcome, Err(RefreshError::Fetch(FetchError::Dns { .. }))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        outcome = r.proxy.proxy.refresh_ip_ranges().await;
+    }
+    match outcome {
         Err(RefreshError::Fetch(FetchError::Refused { host, addrs })) => {
             assert_eq!(
                 (host.as_str(), addrs.as_str()),
@@ -705,4 +715,29 @@ async fn a_reload_never_goes_back_to_an_older_file() {
     reload().unwrap();
     assert_eq!(r.sync_token(), Some(T3));
     assert_eq!(r.tunnel().await.0, 403);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_refresher_stops_with_the_proxy() {
+    let current = ranges(T1, true);
+    let server = RangesServer::start(Answer::file(&current, "t1")).await;
+    let mut r = refreshing(
+        &current,
+        &server,
+        Options {
+            refresh: "50ms",
+            ..Options::default()
+        },
+    )
+    .await;
+    r.attempts(3.0).await;
+    let stopped = tokio::time::timeout(Duration::from_secs(10), r.proxy.shut_down()).await;
+    assert!(stopped.is_ok(), "run returned, refresher included");
+    let after = server.connections();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        server.connections(),
+        after,
+        "no fetch after the proxy stopped"
+    );
 }

@@ -49,7 +49,7 @@ pub enum RefreshError {
 }
 
 impl RefreshError {
-    /// Its `result` label.
+    /// Its `result` label (`NotConfigured` is never counted: nothing was attempted).
     pub fn result(&self) -> &'static str {
         match self {
             RefreshError::Fetch(e) if e.is_invalid() => "invalid",
