@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +18,7 @@ use toml::Spanned;
 
 use crate::auth::UsersFile;
 use crate::ip_ranges::IpRanges;
+use crate::ip_ranges::fetch::{self, Url};
 use crate::net::keepalive::{KeepAlive, MAX_IDLE};
 use crate::rules::{self, Host, Rule, RuleSet};
 use crate::sni::SniMode;
@@ -47,8 +48,12 @@ pub struct Config {
     pub max_tunnels_per_client: usize,
     /// `[auth] users_file`, loaded: when present, every request must authenticate.
     pub auth: Option<UsersFile>,
-    /// `[aws_ip_ranges] file`, loaded: the prefixes `require_ip_ranges` rules check against.
+    /// `[aws_ip_ranges] file`, as read when this config was built. Tunnels check against the
+    /// live set in [`crate::state::Shared`], which starts from this and which a refresh or a
+    /// reload may replace.
     pub aws_ip_ranges: Option<Arc<IpRanges>>,
+    /// `[aws_ip_ranges] url` and what goes with it, when the file is kept current.
+    pub ip_ranges_refresh: Option<IpRangesRefresh>,
     /// `[destinations] allow`: networks reachable despite the special-purpose deny list.
     pub destinations_allow: Vec<IpNet>,
     /// `[metrics] max_domains`: distinct `domain` label values before `_other`.
@@ -80,6 +85,22 @@ pub struct ProxyConfig {
     /// streaming session do not forget it.
     pub tcp_keepalive: KeepAlive,
 }
+
+/// Where newer copies of `ip-ranges.json` come from, and where they go.
+#[derive(Debug, Clone)]
+pub struct IpRangesRefresh {
+    pub url: Url,
+    /// How often to ask. AWS publishes several times a week; an unchanged file costs a 304.
+    pub every: Duration,
+    /// Trusted roots: `ca_file` (a private mirror, the tests), else the system's.
+    pub tls: Arc<rustls::ClientConfig>,
+    /// `[aws_ip_ranges] file`: each accepted copy is written here, so a restart without
+    /// network, and a reload, start from it.
+    pub file: PathBuf,
+}
+
+/// `[aws_ip_ranges] refresh` when `url` is set without it.
+pub const DEFAULT_IP_RANGES_REFRESH: Duration = Duration::from_secs(6 * 3600);
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdminConfig {
@@ -334,6 +355,9 @@ struct RawProxyProtocol {
 #[serde(deny_unknown_fields)]
 struct RawIpRanges {
     file: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    refresh: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -388,6 +412,7 @@ impl RawConfig {
                 .check(file, |name| IpRanges::load(&base.join(name)).map(Arc::new))
                 .map(Some),
         };
+        let ip_ranges_refresh = self.aws_ip_ranges.refresh(base, p);
         let destinations_allow = nets(self.destinations.allow, &[], p);
         let max_domains = self
             .metrics
@@ -415,10 +440,52 @@ impl RawConfig {
             max_tunnels_per_client: max_tunnels_per_client?,
             auth: auth?,
             aws_ip_ranges: aws_ip_ranges?,
+            ip_ranges_refresh: ip_ranges_refresh?,
             destinations_allow,
             max_domains: max_domains?,
             rules: rules?,
         })
+    }
+}
+
+impl RawIpRanges {
+    /// `url`, `refresh` and `ca_file`. With `url`, `file` must still name an existing, valid
+    /// file, loaded as without `url`: the proxy serves from it at once, and the refresher
+    /// (which asks at start, then every `refresh`) brings it current. Fetching before serving
+    /// instead would make a start depend on the network and on AWS, which is the failure the
+    /// file on disk exists to ride out.
+    fn refresh(&self, base: &Path, p: &mut Problems<'_>) -> Option<Option<IpRangesRefresh>> {
+        let Some(url) = &self.url else {
+            for (key, value) in [("refresh", &self.refresh), ("ca_file", &self.ca_file)] {
+                if let Some(value) = value {
+                    p.add(value, format!("[aws_ip_ranges] {key} needs url"));
+                }
+            }
+            return Some(None);
+        };
+        let parsed = p.check(url, |s| Url::parse(s));
+        if self.file.is_none() {
+            p.add(
+                url,
+                "[aws_ip_ranges] url needs file: where the last good copy is kept",
+            );
+        }
+        let every = self
+            .refresh
+            .as_ref()
+            .map_or(Some(DEFAULT_IP_RANGES_REFRESH), |v| {
+                p.check(v, |s| positive_duration(s))
+            });
+        let tls = match &self.ca_file {
+            Some(ca) => p.check(ca, |name| fetch::client_config(Some(&base.join(name)))),
+            None => p.check(url, |_| fetch::client_config(None)),
+        };
+        Some(Some(IpRangesRefresh {
+            url: parsed?,
+            every: every?,
+            tls: tls?,
+            file: base.join(self.file.as_ref()?.get_ref()),
+        }))
     }
 }
 
@@ -778,6 +845,64 @@ mod tests {
         let lines: Vec<_> = err.problems.iter().map(|p| p.line).collect();
         assert_eq!(lines, vec![Some(2), Some(3), Some(7), Some(8)], "{err}");
         assert!(err.to_string().starts_with("t.toml:2: "));
+    }
+
+    #[test]
+    fn ip_ranges_url_refresh_and_ca_file() {
+        let dir = std::env::temp_dir().join(format!("portcullis-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ip-ranges.json"),
+            r#"{"syncToken": "1", "createDate": "2026-11-01-12-00-00", "prefixes": []}"#,
+        )
+        .unwrap();
+        let rule = "\n[[rule]]\nname = \"r\"\ndomains = [\"a.example.com\"]\nports = [\"443\"]\n";
+        let parse = |table: &str| {
+            Config::parse(
+                &format!("{table}{rule}"),
+                &dir.join("t.toml").display().to_string(),
+            )
+        };
+
+        let config = parse("[aws_ip_ranges]\nfile = \"ip-ranges.json\"\nurl = \"https://ip-ranges.amazonaws.com/ip-ranges.json\"\n").unwrap();
+        let refresh = config.ip_ranges_refresh.unwrap();
+        assert_eq!(refresh.every, DEFAULT_IP_RANGES_REFRESH);
+        assert_eq!(refresh.file, dir.join("ip-ranges.json"));
+        let config = parse("[aws_ip_ranges]\nfile = \"ip-ranges.json\"\nurl = \"https://[::1]:8443/x\"\nrefresh = \"250ms\"\n").unwrap();
+        assert_eq!(
+            config.ip_ranges_refresh.unwrap().every,
+            Duration::from_millis(250)
+        );
+        assert!(
+            parse("[aws_ip_ranges]\nfile = \"ip-ranges.json\"\n")
+                .unwrap()
+                .ip_ranges_refresh
+                .is_none()
+        );
+
+        let problems = |table: &str| {
+            let err = parse(table).unwrap_err();
+            err.problems
+                .iter()
+                .map(|p| (p.line, p.message.clone()))
+                .collect::<Vec<_>>()
+        };
+        let got = problems(
+            "[aws_ip_ranges]\nfile = \"ip-ranges.json\"\nurl = \"http://ip-ranges.amazonaws.com/\"\nrefresh = \"6\"\nca_file = \"missing.pem\"\n",
+        );
+        let lines: Vec<_> = got.iter().map(|(line, _)| *line).collect();
+        assert_eq!(lines, vec![Some(3), Some(4), Some(5)], "{got:?}");
+        assert!(got[0].1.contains("must start with https://"), "{got:?}");
+        assert!(got[2].1.contains("missing.pem"), "{got:?}");
+        let got = problems("[aws_ip_ranges]\nurl = \"https://ip-ranges.amazonaws.com/\"\n");
+        assert_eq!(got[0].0, Some(2));
+        assert!(got[0].1.contains("url needs file"), "{got:?}");
+        let got = problems("[aws_ip_ranges]\nfile = \"ip-ranges.json\"\nrefresh = \"1h\"\n");
+        assert_eq!(
+            got,
+            vec![(Some(3), "[aws_ip_ranges] refresh needs url".to_string())]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

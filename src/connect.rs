@@ -25,6 +25,7 @@ use crate::access_log::Entry;
 use crate::auth::{Authenticator, Denied};
 use crate::dns::{CachePath, DnsFailure};
 use crate::error::Reason;
+use crate::ip_ranges::IpRanges;
 use crate::metrics::{DomainMetrics, INVALID, Metrics};
 use crate::net::proxy_protocol::Header;
 use crate::prefixed::{ClientStream, Prefixed};
@@ -319,18 +320,21 @@ async fn dial(
             DnsFailure::Failed(_) => Reason::DnsError,
         }
     })?;
-    let permitted: Vec<IpAddr> = interleave_families(addrs)
-        .into_iter()
-        .filter(|&addr| {
-            let ok = runtime.policy.check(addr, rule.private_endpoint).is_ok()
-                && published(runtime, rule, addr);
-            if !ok {
-                entry.resolved.get_or_insert(SocketAddr::new(addr, port));
-                tracing::debug!(host, %addr, "resolved address refused by destination policy");
-            }
-            ok
-        })
-        .collect();
+    let permitted: Vec<IpAddr> = {
+        let ranges = shared.ip_ranges();
+        interleave_families(addrs)
+            .into_iter()
+            .filter(|&addr| {
+                let ok = runtime.policy.check(addr, rule.private_endpoint).is_ok()
+                    && published(ranges.as_deref(), rule, addr);
+                if !ok {
+                    entry.resolved.get_or_insert(SocketAddr::new(addr, port));
+                    tracing::debug!(host, %addr, "resolved address refused by destination policy");
+                }
+                ok
+            })
+            .collect()
+    };
     if permitted.is_empty() {
         return Err(Reason::DestinationNotAllowed);
     }
@@ -343,16 +347,13 @@ async fn dial(
 }
 
 /// For rules with `require_ip_ranges`: is the address inside one of AWS's published prefixes
-/// for those services? Validation guarantees the file is loaded when a rule asks for it.
-fn published(runtime: &Runtime, rule: &Rule, addr: IpAddr) -> bool {
+/// for those services, in the live set (`ranges`, which a refresh may have replaced since the
+/// config was loaded)? Validation guarantees a set is loaded when a rule asks for one.
+fn published(ranges: Option<&IpRanges>, rule: &Rule, addr: IpAddr) -> bool {
     if rule.require_ip_ranges.is_empty() {
         return true;
     }
-    runtime
-        .config
-        .aws_ip_ranges
-        .as_ref()
-        .is_some_and(|ranges| ranges.contains(&rule.require_ip_ranges, addr))
+    ranges.is_some_and(|ranges| ranges.contains(&rule.require_ip_ranges, addr))
 }
 
 /// Tries each address in turn; each attempt gets a fair share of the time left, so one

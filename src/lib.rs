@@ -6,7 +6,8 @@
 //! - [`rules`]: host validation, wildcard matching, ports (pure functions).
 //! - [`dns`]: hickory resolvers, cached for ordinary rules, uncached for private endpoints.
 //! - [`destination`]: which resolved addresses may be connected to.
-//! - [`ip_ranges`]: AWS's published prefixes, a second check for chosen rules.
+//! - [`ip_ranges`]: AWS's published prefixes, a second check for chosen rules, kept current
+//!   from `[aws_ip_ranges] url` ([`ip_ranges::refresh`], [`ip_ranges::fetch`]).
 //! - [`server`]: the accept loop, connection limit, client ACL, request head.
 //! - [`connect`]: one CONNECT request, from authority to 200.
 //! - [`tunnel`]: relaying bytes both ways.
@@ -167,6 +168,19 @@ impl Proxy {
         self.shared.metrics.clone()
     }
 
+    /// Fetches `[aws_ip_ranges] url` now, as the periodic refresh does (logged and counted
+    /// the same way), without waiting for the next one.
+    pub async fn refresh_ip_ranges(
+        &self,
+    ) -> Result<ip_ranges::refresh::Refreshed, ip_ranges::refresh::RefreshError> {
+        ip_ranges::refresh::refresh(&self.shared).await
+    }
+
+    /// The syncToken of the ip-ranges set tunnels are checked against now.
+    pub fn ip_ranges_sync_token(&self) -> Option<u64> {
+        self.shared.ip_ranges().as_ref().map(|set| set.sync)
+    }
+
     /// Serves until `shutdown` resolves, then drains: stops accepting, turns `/readyz` to 503,
     /// gives open tunnels up to `drain_timeout`, and closes what is left.
     ///
@@ -207,8 +221,15 @@ impl Proxy {
                 stop_admin.clone(),
             ));
         }
+        // Stopped with the accept loops (also when this future is dropped): a drain needs no
+        // fresher ranges, and no new tunnel will look at them.
+        let refresher = tokio::spawn(ip_ranges::refresh::run(
+            self.shared.clone(),
+            stop_accepting.clone(),
+        ));
         shutdown.await;
         self.drain(stop_accepting).await;
+        let _ = refresher.await;
         for worker in others {
             worker.finished(Duration::from_secs(5)).await;
         }

@@ -86,6 +86,12 @@ fn check(config: Result<Config, portcullis::config::ConfigError>) -> ExitCode {
             if let Some(ranges) = &config.aws_ip_ranges {
                 println!("aws_ip_ranges: {}", ranges.summary());
             }
+            if let Some(refresh) = &config.ip_ranges_refresh {
+                println!(
+                    "aws_ip_ranges: refreshed from {} every {:?}",
+                    refresh.url.uri, refresh.every
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -9,16 +9,20 @@
 //! ([`MAX_REFUSED_DOMAINS`]). Past either cap a host counts as `_other`, so a flood of junk
 //! names can neither grow memory without bound nor push real domains out.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
+use prometheus::core::{Collector, Desc};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::error::{Outcome, Reason};
+use crate::ip_ranges::IpRanges;
+use crate::ip_ranges::refresh::RESULTS;
 
 /// Label values kept for hosts of refused requests (no rule matched, or not a valid name).
 pub const MAX_REFUSED_DOMAINS: usize = 100;
@@ -48,6 +52,8 @@ pub struct Metrics {
     connections_accepted: IntCounterVec,
     pipe_fallbacks: IntCounter,
     config_reloads: IntCounterVec,
+    ip_ranges_refreshes: IntCounterVec,
+    ip_ranges: RangesGauges,
     /// Handles per allowed domain label (including `_other`).
     domains: DashMap<String, Arc<DomainMetrics>>,
     max_domains: AtomicUsize,
@@ -131,6 +137,15 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let ip_ranges_refreshes = IntCounterVec::new(
+            Opts::new(
+                "ip_ranges_refreshes_total",
+                "Attempts to refresh AWS's ip-ranges.json from [aws_ip_ranges] url, by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let ip_ranges = RangesGauges::new();
         let build_info = IntGaugeVec::new(
             Opts::new("build_info", "Always 1; the version as a label"),
             &["version"],
@@ -150,6 +165,8 @@ impl Metrics {
             Box::new(connections_accepted.clone()),
             Box::new(pipe_fallbacks.clone()),
             Box::new(config_reloads.clone()),
+            Box::new(ip_ranges_refreshes.clone()),
+            Box::new(ip_ranges.clone()),
             Box::new(build_info),
         ] {
             registry
@@ -168,6 +185,8 @@ impl Metrics {
             connections_accepted,
             pipe_fallbacks,
             config_reloads,
+            ip_ranges_refreshes,
+            ip_ranges,
             domains: DashMap::new(),
             max_domains: AtomicUsize::new(max_domains),
             refused: DashMap::new(),
@@ -192,6 +211,9 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             metrics.config_reloads.with_label_values(&[result]);
+        }
+        for result in RESULTS {
+            metrics.ip_ranges_refreshes.with_label_values(&[result]);
         }
         metrics
     }
@@ -284,6 +306,19 @@ impl Metrics {
         self.config_reloads.with_label_values(&[result]).inc();
     }
 
+    pub fn ip_ranges_refresh(&self, result: &str) {
+        self.ip_ranges_refreshes.with_label_values(&[result]).inc();
+    }
+
+    /// The ip-ranges set in force changed (or went away with a config that has none).
+    pub fn ip_ranges_loaded(&self, set: Option<&IpRanges>) {
+        *self
+            .ip_ranges
+            .loaded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = set.map(|set| (set.created, set.sync));
+    }
+
     /// The Prometheus text exposition of everything, process metrics included.
     pub fn encode(&self) -> String {
         let mut families = self.registry.gather();
@@ -295,6 +330,59 @@ impl Metrics {
             .encode(&families, &mut out)
             .expect("encoding into a Vec cannot fail");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// `ip_ranges_age_seconds` and `ip_ranges_sync_token`: exported only while a set is loaded, so
+/// a proxy without `[aws_ip_ranges]` shows no age to alert on. The age is computed at each
+/// scrape, so it grows between refreshes without a timer.
+#[derive(Clone)]
+struct RangesGauges {
+    age: Gauge,
+    sync: IntGauge,
+    /// `createDate` and `syncToken` of the set in force, in Unix seconds.
+    loaded: Arc<Mutex<Option<(u64, u64)>>>,
+}
+
+impl RangesGauges {
+    fn new() -> RangesGauges {
+        RangesGauges {
+            age: Gauge::new(
+                "ip_ranges_age_seconds",
+                "Seconds since the createDate of the AWS ip-ranges set in force",
+            )
+            .expect("valid metric"),
+            sync: IntGauge::new(
+                "ip_ranges_sync_token",
+                "The syncToken of the AWS ip-ranges set in force",
+            )
+            .expect("valid metric"),
+            loaded: Arc::new(Mutex::new(None)),
+        }
+    }
+}
+
+impl Collector for RangesGauges {
+    fn desc(&self) -> Vec<&Desc> {
+        self.age
+            .desc()
+            .into_iter()
+            .chain(self.sync.desc())
+            .collect()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let Some((created, sync)) = *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) else {
+            return Vec::new();
+        };
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.age.set((now - created as f64).round());
+        self.sync.set(i64::try_from(sync).unwrap_or(i64::MAX));
+        let mut families = self.age.collect();
+        families.extend(self.sync.collect());
+        families
     }
 }
 
@@ -344,10 +432,37 @@ mod tests {
             "portcullis_upstream_connect_seconds",
             "portcullis_dns_lookups_total",
             "portcullis_config_reloads_total",
+            "portcullis_ip_ranges_refreshes_total{result=\"stale\"} 0",
             "portcullis_build_info",
             "process_",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn ip_ranges_gauges_exist_only_with_a_set() {
+        let m = Metrics::new(10);
+        assert!(!m.encode().contains("portcullis_ip_ranges_age_seconds"));
+        let set = IpRanges::parse(
+            r#"{"syncToken": "1700000000", "createDate": "2020-01-01-00-00-00", "prefixes": []}"#,
+        )
+        .unwrap();
+        m.ip_ranges_loaded(Some(&set));
+        let text = m.encode();
+        assert!(
+            text.contains("portcullis_ip_ranges_sync_token 1700000000"),
+            "{text}"
+        );
+        let age = text
+            .lines()
+            .find_map(|l| l.strip_prefix("portcullis_ip_ranges_age_seconds "))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap();
+        assert!(age > 5.0 * 365.0 * 86_400.0, "{age}");
+        m.ip_ranges_loaded(None);
+        let text = m.encode();
+        assert!(!text.contains("portcullis_ip_ranges_age_seconds"), "{text}");
+        assert!(!text.contains("portcullis_ip_ranges_sync_token"), "{text}");
     }
 }

@@ -1,14 +1,15 @@
 //! What every connection shares: the current config with its resolver (swapped whole on
-//! reload), the metrics, and the shutdown plumbing.
+//! reload), the live AWS ip-ranges set (which outlives any one config: a refresh replaces it
+//! between reloads), the metrics, and the shutdown plumbing.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use std::net::IpAddr;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption, Guard};
 use dashmap::DashMap;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -16,6 +17,8 @@ use crate::auth::Authenticator;
 use crate::config::Config;
 use crate::destination::Policy;
 use crate::dns::Resolver;
+use crate::ip_ranges::IpRanges;
+use crate::ip_ranges::refresh::{self, Conditional};
 use crate::metrics::Metrics;
 use crate::net::keepalive::KeepAlive;
 
@@ -46,6 +49,15 @@ pub const MAX_REJECTING: usize = 1024;
 
 pub struct Shared {
     runtime: ArcSwap<Runtime>,
+    /// The ip-ranges set tunnels are checked against now.
+    ip_ranges: ArcSwapOption<IpRanges>,
+    /// Held while the config or the ip-ranges set is replaced, so a reload and a refresh cannot
+    /// interleave (a refresh judged against the old rules, a reload against the old set).
+    swapping: Mutex<()>,
+    /// Bumped on every config install, so the refresher follows a changed url or interval.
+    installs: watch::Sender<()>,
+    /// The refresher's conditional-GET state; its lock also keeps refreshes one at a time.
+    pub refresher: tokio::sync::Mutex<Conditional>,
     pub metrics: Arc<Metrics>,
     /// One permit per open client connection or tunnel (`max_connections`).
     pub connections: Arc<Semaphore>,
@@ -62,6 +74,29 @@ pub struct Shared {
     keepalive: ArcSwap<KeepAlive>,
     /// Open tunnels (and dials in flight) per client address.
     per_client: Arc<DashMap<IpAddr, usize>>,
+}
+
+/// Holds the swap lock; see [`Shared::ip_ranges_writer`].
+pub struct RangesWriter<'a> {
+    shared: &'a Shared,
+    _held: MutexGuard<'a, ()>,
+}
+
+impl RangesWriter<'_> {
+    pub fn current(&self) -> Option<Arc<IpRanges>> {
+        self.shared.ip_ranges.load_full()
+    }
+
+    /// The config in force; stays in force while this writer is held.
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.shared.runtime()
+    }
+
+    /// New CONNECTs see `set` at once; tunnels already open never look again.
+    pub fn replace(&self, set: Option<Arc<IpRanges>>) {
+        self.shared.metrics.ip_ranges_loaded(set.as_deref());
+        self.shared.ip_ranges.store(set);
+    }
 }
 
 /// One tunnel's place in its client's count; gives it back when dropped, however the tunnel
@@ -84,8 +119,14 @@ impl Shared {
     pub fn new(runtime: Runtime, metrics: Arc<Metrics>) -> Shared {
         let limit = runtime.config.proxy.max_connections;
         let keepalive = runtime.config.proxy.tcp_keepalive;
+        let ip_ranges = runtime.config.aws_ip_ranges.clone();
+        metrics.ip_ranges_loaded(ip_ranges.as_deref());
         Shared {
             runtime: ArcSwap::from_pointee(runtime),
+            ip_ranges: ArcSwapOption::new(ip_ranges),
+            swapping: Mutex::new(()),
+            installs: watch::Sender::new(()),
+            refresher: tokio::sync::Mutex::new(Conditional::default()),
             metrics,
             connections: Arc::new(Semaphore::new(limit)),
             rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
@@ -103,13 +144,41 @@ impl Shared {
     }
 
     /// Swaps in a new config. Open tunnels keep what they were opened with; new requests see
-    /// the new rules at once.
+    /// the new rules at once. The ip-ranges set its file held replaces the live one unless the
+    /// live one is newer (see [`refresh::after_reload`]).
     pub fn install(&self, runtime: Runtime) {
+        let writer = self.ip_ranges_writer();
+        let kept = refresh::after_reload(
+            writer.current(),
+            runtime.config.aws_ip_ranges.clone(),
+            &runtime.config.rules,
+        );
+        writer.replace(kept);
         self.resize_connections(runtime.config.proxy.max_connections);
         self.metrics.set_max_domains(runtime.config.max_domains);
         self.keepalive
             .store(Arc::new(runtime.config.proxy.tcp_keepalive));
         self.runtime.store(Arc::new(runtime));
+        drop(writer);
+        self.installs.send_replace(());
+    }
+
+    /// The live ip-ranges set, for a lookup now (a guard: not to be held across an await).
+    pub fn ip_ranges(&self) -> Guard<Option<Arc<IpRanges>>> {
+        self.ip_ranges.load()
+    }
+
+    /// The right to replace the live ip-ranges set, exclusive with config installs.
+    pub fn ip_ranges_writer(&self) -> RangesWriter<'_> {
+        RangesWriter {
+            shared: self,
+            _held: self.swapping.lock().unwrap_or_else(|e| e.into_inner()),
+        }
+    }
+
+    /// Changes whenever a config is installed.
+    pub fn installs(&self) -> watch::Receiver<()> {
+        self.installs.subscribe()
     }
 
     /// Grows at once; shrinks by the permits free now. Permits held by open connections are

@@ -153,15 +153,17 @@ fn lo() -> Vec<IpAddr> {
 }
 
 /// A proxy with two extra rules on the echo origin's port: an ordinary one and a
-/// `private_endpoint` one.
+/// `private_endpoint` one; and an ip-ranges file, so its gauges are exported too.
 async fn proxy_with_origin() -> (TestProxy, Origin) {
     let origin = Origin::echo().await;
     let port = origin.addr.port();
+    let ranges = std::fs::canonicalize("tests/fixtures/ip-ranges.json").unwrap();
     let proxy = start(Setup {
         extra_rules: format!(
             "[[rule]]\nname = \"scrape\"\ndomains = [\"{DOMAIN}\"]\nports = [\"{port}\"]\n\n\
              [[rule]]\nname = \"scrape-endpoint\"\ndomains = [\"{ENDPOINT_DOMAIN}\"]\n\
-             ports = [\"{port}\"]\nprivate_endpoint = true\n"
+             ports = [\"{port}\"]\nprivate_endpoint = true\n\n[aws_ip_ranges]\nfile = {:?}\n",
+            ranges.to_str().unwrap()
         ),
         ..Setup::default()
     })
@@ -797,6 +799,14 @@ async fn prometheus_scrapes_what_the_proxy_counts() {
 
     // The alerting rules: all loaded, all evaluated without error against real series, and
     // the recording rule's series carries the scrape's job and instance.
+    let defined = std::fs::read_to_string(deploy_file("deploy/prometheus/alerts.yml"))
+        .unwrap()
+        .lines()
+        .filter(|l| {
+            let l = l.trim_start();
+            l.starts_with("- alert:") || l.starts_with("- record:")
+        })
+        .count();
     let healthy = poll(Duration::from_secs(10), || async {
         let Some((200, body)) = try_get(web, "/api/v1/rules").await else {
             return Err("no answer from /api/v1/rules".to_string());
@@ -820,7 +830,7 @@ async fn prometheus_scrapes_what_the_proxy_counts() {
                 )
             })
             .collect();
-        if rules.len() == 9 && rules.iter().all(|r| r.get("health").str() == "ok") {
+        if rules.len() == defined && rules.iter().all(|r| r.get("health").str() == "ok") {
             Ok(())
         } else {
             Err(seen)

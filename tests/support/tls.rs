@@ -1,5 +1,6 @@
-//! A test certificate authority, one leaf certificate for the AppStream names the client tests
-//! use, and the rustls configs built on them.
+//! A test certificate authority, one leaf certificate for the AWS names the tests serve TLS
+//! under (AppStream's, and where `ip-ranges.json` is published), and the rustls configs built
+//! on them.
 //!
 //! The CA is made once per test binary. Clients trust it the way an operator's users would
 //! trust a corporate CA: curl and Python get it as a PEM file, Chromium in its NSS database, Rust
@@ -23,8 +24,11 @@ pub const GATEWAY: &str = "gw1.amazonappstream.com";
 /// The CloudFront name AppStream loads its web client from.
 pub const CLOUDFRONT: &str = "d111abcdef8.cloudfront.net";
 
+/// Where the proxy fetches AWS's `ip-ranges.json` from (tests/ip_ranges.rs serves it on loopback).
+pub const IP_RANGES: &str = "ip-ranges.amazonaws.com";
+
 /// The names on the leaf certificate.
-pub const NAMES: &[&str] = &[GATEWAY, CLOUDFRONT];
+pub const NAMES: &[&str] = &[GATEWAY, CLOUDFRONT, IP_RANGES];
 
 pub struct TestCa {
     /// The CA certificate, PEM: what curl's `--cacert` and Python's `verify=` take.

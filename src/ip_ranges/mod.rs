@@ -6,6 +6,12 @@
 //!
 //! Prefixes are merged into sorted, disjoint ranges per service; a lookup is a binary search,
 //! so ten thousand prefixes cost about fourteen comparisons.
+//!
+//! The set in force lives in [`crate::state::Shared`], not only in the config: [`refresh`]
+//! replaces it when AWS publishes a newer file, [`fetch`] gets that file.
+
+pub mod fetch;
+pub mod refresh;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -43,6 +49,11 @@ struct RawV6 {
 pub struct IpRanges {
     pub sync_token: String,
     pub create_date: String,
+    /// `syncToken` as a number (AWS: the publication time in Unix seconds), so two files can be
+    /// ordered: a refresh never goes back to an older one.
+    pub sync: u64,
+    /// `createDate` in Unix seconds, for the age gauge.
+    pub created: u64,
     pub v4_prefixes: usize,
     pub v6_prefixes: usize,
     services: BTreeMap<String, Ranges>,
@@ -63,6 +74,16 @@ impl IpRanges {
 
     pub fn parse(text: &str) -> Result<IpRanges, String> {
         let raw: RawFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let sync = match raw.sync_token.parse::<u64>() {
+            Ok(sync) if raw.sync_token.bytes().all(|b| b.is_ascii_digit()) => sync,
+            _ => return Err(format!("syncToken {:?} is not a number", raw.sync_token)),
+        };
+        let created = unix_seconds(&raw.create_date).ok_or_else(|| {
+            format!(
+                "createDate {:?} is not a UTC date like \"2026-11-01-12-00-00\"",
+                raw.create_date
+            )
+        })?;
         let mut v4: BTreeMap<String, Vec<(u32, u32)>> = BTreeMap::new();
         let mut v6: BTreeMap<String, Vec<(u128, u128)>> = BTreeMap::new();
         for prefix in &raw.prefixes {
@@ -91,10 +112,18 @@ impl IpRanges {
         Ok(IpRanges {
             sync_token: raw.sync_token,
             create_date: raw.create_date,
+            sync,
+            created,
             v4_prefixes: raw.prefixes.len(),
             v6_prefixes: raw.ipv6_prefixes.len(),
             services,
         })
+    }
+
+    /// Reads `bytes` as the file (the refresher has bytes off the wire, not a string).
+    pub fn parse_bytes(bytes: &[u8]) -> Result<IpRanges, String> {
+        let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8".to_string())?;
+        IpRanges::parse(text)
     }
 
     pub fn has_service(&self, service: &str) -> bool {
@@ -127,6 +156,60 @@ impl IpRanges {
             self.services.len()
         )
     }
+}
+
+/// `"YYYY-MM-DD-hh-mm-ss"` (UTC, AWS's `createDate`) in seconds since 1970.
+fn unix_seconds(date: &str) -> Option<u64> {
+    let fields: Vec<&str> = date.split('-').collect();
+    let widths = [4, 2, 2, 2, 2, 2];
+    if fields.len() != widths.len()
+        || fields
+            .iter()
+            .zip(widths)
+            .any(|(f, w)| f.len() != w || !f.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return None;
+    }
+    let n = |i: usize| fields[i].parse::<u64>().ok();
+    let (year, month, day) = (n(0)?, n(1)?, n(2)?);
+    let (hour, minute, second) = (n(3)?, n(4)?, n(5)?);
+    let leap = year % 4 == 0 && (year % 100 != 0 || year % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if year < 1970
+        || !(1..=12).contains(&month)
+        || day == 0
+        || day > month_days[month as usize - 1]
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
+        return None;
+    }
+    Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date from 1970 on (Howard Hinnant's
+/// `days_from_civil`, for unsigned years).
+fn days_from_civil(year: u64, month: u64, day: u64) -> u64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year / 400;
+    let year_of_era = year - era * 400;
+    let day_of_year = (153 * ((month + 9) % 12) + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
 }
 
 fn merge<T: Ord + Copy + num_step::Step>(mut ranges: Vec<(T, T)>) -> Vec<(T, T)> {
@@ -197,5 +280,40 @@ mod tests {
         assert!(!ranges.contains(&cf, ip("2600:9010::1")));
         assert_eq!((ranges.v4_prefixes, ranges.v6_prefixes), (3, 1));
         assert!(ranges.summary().contains("2026-11-01-12-00-00"));
+        assert_eq!(ranges.sync, 1_700_000_000);
+    }
+
+    #[test]
+    fn create_dates_are_utc_seconds() {
+        assert_eq!(unix_seconds("1970-01-01-00-00-00"), Some(0));
+        assert_eq!(unix_seconds("2000-03-01-00-00-01"), Some(951_868_801));
+        assert_eq!(unix_seconds("2024-02-29-23-59-59"), Some(1_709_251_199));
+        assert_eq!(unix_seconds("2026-11-01-12-00-00"), Some(1_793_534_400));
+        for bad in [
+            "2023-02-29-00-00-00",
+            "2026-13-01-00-00-00",
+            "2026-11-01-24-00-00",
+            "2026-11-01T12:00:00",
+            "2026-11-01-12-00",
+            "2026-11-1-12-00-00",
+            "+026-11-01-12-00-00",
+        ] {
+            assert_eq!(unix_seconds(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn tokens_and_dates_must_be_well_formed() {
+        let with = |token: &str, date: &str| {
+            SAMPLE
+                .replace("\"1700000000\"", &format!("{token:?}"))
+                .replace("\"2026-11-01-12-00-00\"", &format!("{date:?}"))
+        };
+        assert!(IpRanges::parse(&with("1700000001", "2026-11-01-12-00-00")).is_ok());
+        let err = IpRanges::parse(&with("-1", "2026-11-01-12-00-00")).unwrap_err();
+        assert!(err.contains("syncToken"), "{err}");
+        assert!(IpRanges::parse(&with("+1", "2026-11-01-12-00-00")).is_err());
+        let err = IpRanges::parse(&with("1", "yesterday")).unwrap_err();
+        assert!(err.contains("createDate"), "{err}");
     }
 }
