@@ -626,6 +626,17 @@ async fn admin_endpoints_and_drain() {
     assert!(pac.contains("FindProxyForURL"), "{pac}");
     assert!(pac.contains("PROXY proxy.test:3128"), "{pac}");
     assert!(pac.contains("DIRECT"), "{pac}");
+    // WPAD asks for the same file under its own name.
+    assert_eq!(proxy.admin_get("/wpad.dat").await, (200, pac));
+    for path in ["/proxy.pac", "/wpad.dat"] {
+        let head = format!("GET {path} HTTP/1.0\r\n\r\n");
+        let (reply, _) = support::request(proxy.admin, head.as_bytes()).await;
+        assert_eq!(
+            reply.header("content-type"),
+            Some("application/x-ns-proxy-autoconfig"),
+            "{path}"
+        );
+    }
 
     let _origin = Origin::echo_on("127.0.0.47", 443).await;
     proxy.dns.set(GATEWAY, &ips(&["127.0.0.47"]), 60);
