@@ -32,6 +32,7 @@ use crate::prefixed::{ClientStream, Prefixed};
 use crate::rules::{self, Host, Rule, Verdict};
 use crate::sni::{self, Hello, SniMode};
 use crate::state::{ClientSlot, Runtime, Shared};
+use crate::telemetry::OpenTunnel;
 use crate::tunnel::{self, Counters, FromClient};
 
 /// Who is on the other end of a client connection.
@@ -96,8 +97,7 @@ pub async fn handle(
             let upgrade = hyper::upgrade::on(&mut request);
             if admitted.sni != SniMode::Enforce {
                 // Under `enforce` the decision is final only once the ClientHello is read.
-                shared.metrics.request(domain.label(), &entry.rule, None);
-                entry.decision(None);
+                record(&shared, domain.label(), &entry, None);
             }
             let timeouts = Timeouts {
                 idle: runtime.config.proxy.idle_timeout,
@@ -122,12 +122,25 @@ pub async fn handle(
                 .expect("static response parts are valid"))
         }
         Err(reason) => {
-            shared
-                .metrics
-                .request(domain.label(), &entry.rule, Some(reason));
-            entry.decision(Some(reason));
+            record(&shared, domain.label(), &entry, Some(reason));
             Ok(reason.response())
         }
+    }
+}
+
+/// Counts, logs and (for a refusal) shows on the status page one decision.
+fn record(shared: &Shared, label: &str, entry: &Entry, reason: Option<Reason>) {
+    shared.metrics.request(label, &entry.rule, reason);
+    entry.decision(reason);
+    if let Some(reason) = reason {
+        let refusals = &shared.status.refusals;
+        refusals.record(
+            entry.client,
+            &entry.host,
+            entry.port,
+            reason.as_str(),
+            &entry.rule,
+        );
     }
 }
 
@@ -422,15 +435,24 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
             ..
         } = admitted;
         let started = Instant::now();
+        let open = shared.status.open.register(OpenTunnel::new(
+            entry.client,
+            &entry.host,
+            entry.port,
+            &entry.rule,
+        ));
         let Some((mut client, early)) = take_client(upgrade).await else {
             return;
         };
         let handles = &active.0;
         let early = if sni == SniMode::Enforce {
             let checked = enforce_sni(&mut client, early, timeouts.hello, &mut entry).await;
-            let reason = checked.as_ref().err().copied();
-            shared.metrics.request(&handles.label, &entry.rule, reason);
-            entry.decision(reason);
+            record(
+                &shared,
+                &handles.label,
+                &entry,
+                checked.as_ref().err().copied(),
+            );
             match checked {
                 Ok(early) => early,
                 Err(_) => return,
@@ -441,6 +463,7 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
         let counters = Counters {
             upstream: &handles.bytes_upstream,
             downstream: &handles.bytes_downstream,
+            totals: &open.tunnel.bytes,
         };
         let mut watch = sni::Watch::default();
         let mut watching = |bytes: &[u8]| match watch.observe(bytes) {

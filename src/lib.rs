@@ -24,6 +24,7 @@
 //! - [`prefixed`]: the client's stream (TCP or TLS) with already-read bytes put back in front.
 //! - [`tls`]: TLS for the proxy's own listeners, with optional client certificates.
 //! - [`workers`]: one single-threaded event loop per core, each accepting on its own socket.
+//! - [`telemetry`]: what the status page shows: open tunnels, recent refusals, reloads.
 //! - [`net`]: below HTTP: the PROXY protocol (client identity behind a balancer), TCP keepalive.
 //!
 //! `main.rs` is a thin shell over [`Proxy`]; tests drive the same [`Proxy::run`] with
@@ -49,6 +50,7 @@ pub mod rules;
 pub mod server;
 pub mod sni;
 pub mod state;
+pub mod telemetry;
 pub mod tls;
 pub mod tunnel;
 pub mod workers;
@@ -104,6 +106,13 @@ impl Listeners {
     }
 }
 
+/// A listener's address as shown on the status page.
+fn local(listener: &TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| format!("? ({e})"), |a| a.to_string())
+}
+
 /// Ends what [`Proxy::run`] started if its future is dropped before it finishes (its task
 /// aborted, its runtime shut down): worker threads are not tied to the caller's runtime and
 /// would otherwise go on accepting and relaying. They stop as after a drain timeout.
@@ -142,6 +151,9 @@ impl Proxy {
     pub fn reload(&self, config: Result<Config, String>) -> Result<(), String> {
         let result = config.and_then(Runtime::new);
         self.shared.metrics.config_reload(result.is_ok());
+        self.shared
+            .status
+            .reloaded(&result.as_ref().map(|_| ()).map_err(Clone::clone));
         match result {
             Ok(runtime) => {
                 let old = self.shared.runtime();
@@ -197,8 +209,14 @@ impl Proxy {
             .map(|(i, l)| (l, Some(i)));
         let accepting: Vec<_> = plain.chain(tls).collect();
         let keepalive = self.shared.keepalive();
-        for (listener, _) in &accepting {
+        for (listener, tls) in &accepting {
             net::keepalive::listening(listener, keepalive);
+            let kind = if tls.is_some() {
+                "proxy (tls)"
+            } else {
+                "proxy"
+            };
+            self.shared.status.listening(kind, local(listener));
         }
         let mut stop_on_drop = StopOnDrop {
             stop_accepting: stop_accepting.clone(),
@@ -215,6 +233,7 @@ impl Proxy {
             ));
         }
         if let Some(listener) = listeners.admin {
+            self.shared.status.listening("admin", local(&listener));
             tokio::spawn(admin::serve(
                 listener,
                 self.shared.clone(),

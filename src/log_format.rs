@@ -153,6 +153,13 @@ impl<W: Write> Write for Escaped<W> {
 /// RFC 3339 in UTC with microseconds, as tracing-subscriber writes it:
 /// `2026-11-23T16:37:08.998039Z`. The date and time of day change once a second, so they are
 /// formatted once a second per thread.
+/// `2026-12-02T01:02:03.000004Z`, as in the log lines.
+pub fn timestamp(time: SystemTime) -> String {
+    let mut out = String::with_capacity(27);
+    let _ = write_timestamp(&mut out, time);
+    out
+}
+
 fn write_timestamp(out: &mut impl Write, now: SystemTime) -> fmt::Result {
     thread_local! {
         static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };

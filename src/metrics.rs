@@ -60,6 +60,31 @@ pub struct Metrics {
     refused: DashMap<String, ()>,
 }
 
+/// Every sample of a counter vector, as (label pairs, value).
+fn samples(vec: &IntCounterVec) -> impl Iterator<Item = (Vec<(String, String)>, u64)> {
+    vec.collect().into_iter().flat_map(|family| {
+        family
+            .get_metric()
+            .iter()
+            .map(|metric| {
+                let labels = metric
+                    .get_label()
+                    .iter()
+                    .map(|pair| (pair.name().to_string(), pair.value().to_string()))
+                    .collect();
+                (labels, metric.get_counter().get_value() as u64)
+            })
+            .collect::<Vec<_>>()
+    })
+}
+
+fn label<'a>(labels: &'a [(String, String)], name: &str) -> &'a str {
+    labels
+        .iter()
+        .find(|(n, _)| n == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
 /// Pre-resolved handles for one `domain` label.
 pub struct DomainMetrics {
     pub label: String,
@@ -317,6 +342,35 @@ impl Metrics {
             .loaded
             .lock()
             .unwrap_or_else(|e| e.into_inner()) = set.map(|set| (set.created, set.sync));
+    }
+
+    /// Requests per rule so far: (rule, allowed, refused or failed). Read from the counters
+    /// themselves, so the data path keeps no second count for the status page.
+    pub fn requests_by_rule(&self) -> Vec<(String, u64, u64)> {
+        let mut rules: std::collections::BTreeMap<String, (u64, u64)> = Default::default();
+        for (labels, value) in samples(&self.requests) {
+            let rule = label(&labels, "rule").to_string();
+            let counts = rules.entry(rule).or_default();
+            if label(&labels, "outcome") == Outcome::Allowed.as_str() {
+                counts.0 += value;
+            } else {
+                counts.1 += value;
+            }
+        }
+        rules
+            .into_iter()
+            .map(|(rule, (a, r))| (rule, a, r))
+            .collect()
+    }
+
+    /// Name lookups so far: (`cached` or `bypass`, result, count).
+    pub fn dns_lookup_counts(&self) -> Vec<(String, String, u64)> {
+        samples(&self.dns_lookups)
+            .map(|(labels, value)| {
+                let path = label(&labels, "cache").to_string();
+                (path, label(&labels, "result").to_string(), value)
+            })
+            .collect()
     }
 
     /// The Prometheus text exposition of everything, process metrics included.

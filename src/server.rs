@@ -103,6 +103,8 @@ fn reject_overloaded(stream: TcpStream, peer: SocketAddr, shared: &Arc<Shared>) 
         .metrics
         .connection_rejected(Reason::Overloaded.as_str());
     access_log::rejected(peer, Reason::Overloaded);
+    let overloaded = Reason::Overloaded.as_str();
+    shared.status.refusals.record(peer, "", 0, overloaded, "");
     match shared.rejecting.clone().try_acquire_owned() {
         Ok(permit) => {
             shared.tasks.spawn(async move {
@@ -202,6 +204,11 @@ async fn serve_connection(
                 .metrics
                 .request(crate::metrics::INVALID, "", Some(Reason::BadRequest));
             access_log::Entry::new(&client).decision(Some(Reason::BadRequest));
+            let reason = Reason::BadRequest.as_str();
+            shared
+                .status
+                .refusals
+                .record(client.addr, "", 0, reason, "");
             let _ = write_and_close(&mut stream, Reason::BadRequest).await;
             return;
         }
@@ -227,6 +234,8 @@ async fn serve_connection(
 /// A PROXY header that cannot be believed: 400, logged with why, counted.
 async fn refuse_header(stream: &mut TcpStream, own: SocketAddr, shared: &Shared, refused: Refused) {
     shared.metrics.connection_rejected("proxy_header");
+    let reason = Reason::BadRequest.as_str();
+    shared.status.refusals.record(own, "", 0, reason, "");
     access_log::proxy_header_refused(own, refused);
     let _ = write_and_close(stream, Reason::BadRequest).await;
 }
@@ -289,6 +298,10 @@ where
 {
     shared.metrics.connection_rejected(reason.as_str());
     access_log::rejected(peer, reason);
+    shared
+        .status
+        .refusals
+        .record(peer, "", 0, reason.as_str(), "");
     let _ = write_and_close(stream, reason).await;
 }
 

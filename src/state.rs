@@ -21,6 +21,7 @@ use crate::ip_ranges::IpRanges;
 use crate::ip_ranges::refresh::{self, Conditional};
 use crate::metrics::Metrics;
 use crate::net::keepalive::KeepAlive;
+use crate::telemetry::Status;
 
 /// One config, compiled into what the data path uses. Immutable; a reload builds a new one.
 pub struct Runtime {
@@ -59,6 +60,8 @@ pub struct Shared {
     /// The refresher's conditional-GET state; its lock also keeps refreshes one at a time.
     pub refresher: tokio::sync::Mutex<Conditional>,
     pub metrics: Arc<Metrics>,
+    /// What the status page shows: open tunnels, recent refusals, reloads.
+    pub status: Status,
     /// One permit per open client connection or tunnel (`max_connections`).
     pub connections: Arc<Semaphore>,
     /// Bounds the tasks that answer connections turned away as overloaded.
@@ -128,6 +131,7 @@ impl Shared {
             installs: watch::Sender::new(()),
             refresher: tokio::sync::Mutex::new(Conditional::default()),
             metrics,
+            status: Status::new(),
             connections: Arc::new(Semaphore::new(limit)),
             rejecting: Arc::new(Semaphore::new(MAX_REJECTING)),
             connection_limit: std::sync::Mutex::new(limit),

@@ -70,6 +70,17 @@ pub struct Totals {
 pub struct Counters<'a> {
     pub upstream: &'a IntCounter,
     pub downstream: &'a IntCounter,
+    /// This tunnel's own totals, readable while it runs (the status page shows them).
+    pub totals: &'a ByteTotals,
+}
+
+/// One tunnel's bytes so far, each way.
+#[derive(Debug, Default)]
+pub struct ByteTotals {
+    /// Client to origin.
+    pub upstream: AtomicU64,
+    /// Origin to client.
+    pub downstream: AtomicU64,
 }
 
 /// Looks at the client's bytes as they are forwarded, never holding one back (the
@@ -213,8 +224,6 @@ where
 /// One tunnel's bookkeeping: bytes each way (live counters and totals) and the last activity.
 struct Meter<'a> {
     counters: Counters<'a>,
-    upstream: AtomicU64,
-    downstream: AtomicU64,
     activity: Activity,
     pipe_fallback: AtomicBool,
 }
@@ -223,8 +232,6 @@ impl<'a> Meter<'a> {
     fn new(counters: Counters<'a>) -> Meter<'a> {
         Meter {
             counters,
-            upstream: AtomicU64::new(0),
-            downstream: AtomicU64::new(0),
             activity: Activity::new(),
             pipe_fallback: AtomicBool::new(false),
         }
@@ -233,7 +240,7 @@ impl<'a> Meter<'a> {
     fn upstream(&self) -> Direction<'_> {
         Direction {
             counter: self.counters.upstream,
-            total: &self.upstream,
+            total: &self.counters.totals.upstream,
             activity: &self.activity,
             pipe_fallback: &self.pipe_fallback,
         }
@@ -242,7 +249,7 @@ impl<'a> Meter<'a> {
     fn downstream(&self) -> Direction<'_> {
         Direction {
             counter: self.counters.downstream,
-            total: &self.downstream,
+            total: &self.counters.totals.downstream,
             activity: &self.activity,
             pipe_fallback: &self.pipe_fallback,
         }
@@ -265,8 +272,8 @@ impl<'a> Meter<'a> {
             () = abort.cancelled() => End::Shutdown,
         };
         Totals {
-            upstream: self.upstream.load(Ordering::Relaxed),
-            downstream: self.downstream.load(Ordering::Relaxed),
+            upstream: self.counters.totals.upstream.load(Ordering::Relaxed),
+            downstream: self.counters.totals.downstream.load(Ordering::Relaxed),
             end,
             pipe_fallback: self.pipe_fallback.load(Ordering::Relaxed),
         }

@@ -37,9 +37,11 @@ async fn relayed(
         let up = IntCounter::new("up", "up").unwrap();
         let down = IntCounter::new("down", "down").unwrap();
         let abort = CancellationToken::new();
+        let totals = tunnel::ByteTotals::default();
         let counters = Counters {
             upstream: &up,
             downstream: &down,
+            totals: &totals,
         };
         let totals = tunnel::relay(
             mode,

@@ -1,10 +1,13 @@
-//! The admin listener: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac` (and `/wpad.dat`).
+//! The admin listener: the status page (`/`, `/status.json`), `/metrics`, `/healthz`,
+//! `/readyz`, `/proxy.pac` (and `/wpad.dat`).
 //!
 //! Kept off the proxy port so that scraping and health checks never compete with, or get
 //! mistaken for, client traffic, and so the admin port can be bound to an internal address.
 //! Each page that is more than a line lives in a file of its own here.
 
 mod pac;
+mod page;
+pub mod status;
 
 pub use pac::pac;
 
@@ -15,7 +18,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::CONTENT_TYPE;
+use hyper::header::{
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HeaderValue, REFERRER_POLICY,
+    X_CONTENT_TYPE_OPTIONS,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
@@ -76,6 +82,26 @@ async fn route(
             "draining\n".into(),
         ),
         "/readyz" => reply(StatusCode::OK, "text/plain", "ready\n".into()),
+        "/" => {
+            let report = status::report(&shared, &query(&request, "filter"));
+            let mut response = reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                page::render(&report),
+            );
+            let headers = response.headers_mut();
+            headers.insert(
+                CONTENT_SECURITY_POLICY,
+                HeaderValue::from_str(&page::POLICY).expect("the policy is ASCII"),
+            );
+            headers.insert(REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+            response
+        }
+        "/status.json" => {
+            let report = status::report(&shared, &query(&request, "filter"));
+            let json = serde_json::to_string_pretty(&report).expect("the report serializes");
+            reply(StatusCode::OK, "application/json", json + "\n")
+        }
         // WPAD (`http://wpad.<domain>/wpad.dat`) is how Windows and managed browsers find
         // the PAC file on their own: the same file under the name they ask for.
         "/proxy.pac" | "/wpad.dat" => {
@@ -91,10 +117,22 @@ async fn route(
     Ok(response)
 }
 
+/// One query parameter, decoded; empty when absent.
+fn query(request: &Request<Incoming>, name: &str) -> String {
+    let query = request.uri().query().unwrap_or("");
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+        .unwrap_or_default()
+}
+
 fn reply(status: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header(CONTENT_TYPE, content_type)
+        // Live state: never cached, never sniffed into another type.
+        .header(CACHE_CONTROL, "no-store")
+        .header(X_CONTENT_TYPE_OPTIONS, "nosniff")
         .body(Full::new(Bytes::from(body)))
         .expect("static response parts are valid")
 }
