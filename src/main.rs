@@ -6,10 +6,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use portcullis::explain::RangesInUse;
 use portcullis::log_format::JsonLines;
 use portcullis::log_writer::{FlushGuard, batch_writer};
 use portcullis::reload::Reloader;
-use portcullis::explain::RangesInUse;
 use portcullis::state::Runtime;
 use portcullis::{Config, Listeners, Proxy};
 use tokio::signal::unix::{SignalKind, signal};

@@ -347,10 +347,11 @@ impl RuleSet {
         }
         let labels = HostLabels::new(host);
         // `patterns` were compiled from the rules' domains in this same order.
-        let sources = self
-            .rules
-            .iter()
-            .flat_map(|rule| rule.domains.iter().map(move |domain| (rule, domain.as_str())));
+        let sources = self.rules.iter().flat_map(|rule| {
+            rule.domains
+                .iter()
+                .map(move |domain| (rule, domain.as_str()))
+        });
         sources
             .zip(&self.patterns)
             .filter(|(_, pattern)| pattern.matches(&labels))

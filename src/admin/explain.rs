@@ -26,8 +26,7 @@ pub async fn explain(shared: &Shared, query: Option<&str>) -> Response<Full<Byte
     };
     let runtime = shared.runtime();
     let ranges = RangesInUse::live(shared);
-    let explanation =
-        explain::explain(&runtime, &ranges, &asked.authority(), asked.resolve).await;
+    let explanation = explain::explain(&runtime, &ranges, &asked.authority(), asked.resolve).await;
     json(StatusCode::OK, &explanation)
 }
 
@@ -48,9 +47,10 @@ impl Asked {
             match &*key {
                 "host" => host = Some(value.into_owned()),
                 "port" => {
-                    port = Some(value.parse::<u16>().map_err(|_| {
-                        format!("port {value:?} is not a number from 0 to 65535")
-                    })?);
+                    port =
+                        Some(value.parse::<u16>().map_err(|_| {
+                            format!("port {value:?} is not a number from 0 to 65535")
+                        })?);
                 }
                 "resolve" => {
                     resolve = match &*value {
@@ -102,7 +102,9 @@ mod tests {
         assert_eq!(asked.authority(), "[::1]:443");
         assert!(!asked.resolve);
         assert_eq!(
-            Asked::parse("host=%5B%3A%3A1%5D&port=1").unwrap().authority(),
+            Asked::parse("host=%5B%3A%3A1%5D&port=1")
+                .unwrap()
+                .authority(),
             "[::1]:1"
         );
         for bad in [

@@ -242,10 +242,7 @@ fn shape_miss(p: &Pattern<'_>, host: &str, host_labels: &[&str], fit: usize) -> 
     if !wanted.contains('*') {
         let distance = edit_distance(label, wanted);
         if distance * 4 <= wanted.len() {
-            why.push_str(&format!(
-                " ({} away: a typo?)",
-                plural(distance, "edit")
-            ));
+            why.push_str(&format!(" ({} away: a typo?)", plural(distance, "edit")));
         }
     }
     why
@@ -366,7 +363,10 @@ mod tests {
     fn edit_distances() {
         assert_eq!(edit_distance("", "abc"), 3);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
-        assert_eq!(edit_distance("amazonappsteam.com", "amazonappstream.com"), 1);
+        assert_eq!(
+            edit_distance("amazonappsteam.com", "amazonappstream.com"),
+            1
+        );
         assert_eq!(edit_distance("same", "same"), 0);
     }
 }
