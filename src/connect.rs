@@ -3,6 +3,10 @@
 //! The origin is connected *before* the client hears 200, so a dead origin is a 502 with a
 //! reason rather than a tunnel that silently drops (hyper's `http_proxy` example answers first).
 //! Every exit goes through [`Reason::response`] and is logged and counted once, here.
+//!
+//! The steps that decide without touching a socket ([`parse_target`], [`require_name`],
+//! [`rule_decision`], [`dns_path`], [`dns_refusal`], [`dial_order`], [`may_connect`]) are public
+//! functions, so `portcullis explain` reaches its verdict through the very same code.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -14,7 +18,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::ext::ReasonPhrase;
 use hyper::header::PROXY_AUTHORIZATION;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -23,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::access_log::Entry;
 use crate::auth::{Authenticator, Denied};
+use crate::destination::Policy;
 use crate::dns::{CachePath, DnsFailure};
 use crate::error::Reason;
 use crate::ip_ranges::IpRanges;
@@ -223,23 +228,16 @@ async fn admit(
         authenticate(auth, request, entry).await?;
     }
     let (host, port) = target(request, entry)?;
-    let rule = match runtime.config.rules.check(&host, port) {
-        Verdict::Allowed(rule) => rule,
-        Verdict::PortNotAllowed(rule) => {
-            entry.rule = rule.name.clone();
-            return Err(Reason::PortNotAllowed);
-        }
-        Verdict::NoRule => return Err(Reason::DomainNotAllowed),
-    };
+    let verdict = runtime.config.rules.check(&host, port);
+    if let Verdict::PortNotAllowed(rule) = verdict {
+        entry.rule = rule.name.clone();
+    }
+    let rule = rule_decision(verdict)?;
     entry.rule = rule.name.clone();
     let slot = shared
         .client_slot(entry.client.ip(), runtime.config.max_tunnels_per_client)
         .ok_or(Reason::TooManyTunnels)?;
-    let path = if rule.private_endpoint {
-        CachePath::Bypass
-    } else {
-        CachePath::Cached
-    };
+    let path = dns_path(rule);
     entry.dns = Some(path);
     let started = Instant::now();
     let timeout = runtime.config.proxy.connect_timeout;
@@ -274,38 +272,89 @@ async fn authenticate(
     }
 }
 
-/// The CONNECT target as a validated, lowercased name and a port. Only the authority form
-/// (`host:port`) is a CONNECT target (RFC 9110, 9.3.6); a URL with a scheme or path is a 400.
+/// The CONNECT target as a validated, lowercased name and a port, noted in `entry`.
 fn target(request: &Request<Incoming>, entry: &mut Entry) -> Result<(String, u16), Reason> {
     let uri = request.uri();
-    let authority = uri.authority().map_or("", |a| a.as_str());
+    let (host, port) = match parse_target(uri) {
+        Ok(target) => target,
+        Err(reason) => {
+            entry.host = unparsed_host(uri);
+            return Err(reason);
+        }
+    };
+    entry.host = match &host {
+        Host::Name(name) => name.clone(),
+        Host::Ip(ip) => ip.to_string(),
+    };
+    entry.port = port;
+    Ok((require_name(host)?, port))
+}
+
+/// Reads a CONNECT request-target. Only the authority form (`host:port`) is a CONNECT target
+/// (RFC 9110, 9.3.6); a URL with a scheme or path is a 400. IP literals come back as such
+/// ([`require_name`] refuses them), numeric names an `inet_aton` would read as addresses are
+/// refused here (`ip_literal`), and everything else that is not a DNS name is a 400.
+pub fn parse_target(uri: &Uri) -> Result<(Host, u16), Reason> {
+    if uri.scheme().is_some() || uri.path_and_query().is_some() {
+        return Err(Reason::BadRequest);
+    }
+    rules::parse_authority(uri.authority().map_or("", |a| a.as_str()))
+}
+
+/// An IP literal matches no domain rule: only names go on to the rules.
+pub fn require_name(host: Host) -> Result<String, Reason> {
+    match host {
+        Host::Name(name) => Ok(name),
+        Host::Ip(_) => Err(Reason::IpLiteral),
+    }
+}
+
+/// The host of a target [`parse_target`] refused, as far as it can be read, for the log.
+fn unparsed_host(uri: &Uri) -> String {
     if uri.scheme().is_some() || uri.path_and_query().is_some() {
         let host = uri.host().unwrap_or("");
-        entry.host = host
+        return host
             .rsplit_once('@')
             .map_or(host, |(_, h)| h)
             .to_ascii_lowercase();
-        return Err(Reason::BadRequest);
     }
-    match rules::parse_authority(authority) {
-        Ok((Host::Name(name), port)) => {
-            entry.host = name.clone();
-            entry.port = port;
-            Ok((name, port))
-        }
-        Ok((Host::Ip(ip), port)) => {
-            entry.host = ip.to_string();
-            entry.port = port;
-            Err(Reason::IpLiteral)
-        }
-        Err(reason) => {
-            // Whatever sat before an `@` may be credentials: never log it.
-            let raw = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-            let raw = raw.rsplit_once(':').map_or(raw, |(h, _)| h);
-            entry.host = raw.to_ascii_lowercase();
-            Err(reason)
-        }
+    let authority = uri.authority().map_or("", |a| a.as_str());
+    // Whatever sat before an `@` may be credentials: never log it.
+    let raw = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let raw = raw.rsplit_once(':').map_or(raw, |(h, _)| h);
+    raw.to_ascii_lowercase()
+}
+
+/// The rules' verdict as a decision: the rule the request goes on with, or the refusal.
+pub fn rule_decision(verdict: Verdict<'_>) -> Result<&Rule, Reason> {
+    match verdict {
+        Verdict::Allowed(rule) => Ok(rule),
+        Verdict::PortNotAllowed(_) => Err(Reason::PortNotAllowed),
+        Verdict::NoRule => Err(Reason::DomainNotAllowed),
     }
+}
+
+/// How a rule's names are resolved: never from a cache for a private endpoint.
+pub fn dns_path(rule: &Rule) -> CachePath {
+    if rule.private_endpoint {
+        CachePath::Bypass
+    } else {
+        CachePath::Cached
+    }
+}
+
+/// The reply a failed lookup earns.
+pub fn dns_refusal(failure: &DnsFailure) -> Reason {
+    match failure {
+        DnsFailure::NoSuchName => Reason::DnsNxdomain,
+        DnsFailure::Failed(_) => Reason::DnsError,
+    }
+}
+
+/// May a tunnel admitted by `rule` connect to `addr`? The destination policy, then (for rules
+/// with `require_ip_ranges`) AWS's published prefixes in `ranges`.
+pub fn may_connect(policy: &Policy, ranges: Option<&IpRanges>, rule: &Rule, addr: IpAddr) -> bool {
+    policy.check(addr, rule.private_endpoint).is_ok() && published(ranges, rule, addr)
 }
 
 /// Resolves, filters by destination policy, and connects to the first address that answers.
@@ -328,18 +377,14 @@ async fn dial(
     shared.metrics.dns_lookup(path.as_str(), result);
     let addrs = resolved.map_err(|failure| {
         tracing::debug!(host, %failure, "dns lookup failed");
-        match failure {
-            DnsFailure::NoSuchName => Reason::DnsNxdomain,
-            DnsFailure::Failed(_) => Reason::DnsError,
-        }
+        dns_refusal(&failure)
     })?;
     let permitted: Vec<IpAddr> = {
         let ranges = shared.ip_ranges();
-        interleave_families(addrs)
+        dial_order(addrs)
             .into_iter()
             .filter(|&addr| {
-                let ok = runtime.policy.check(addr, rule.private_endpoint).is_ok()
-                    && published(ranges.as_deref(), rule, addr);
+                let ok = may_connect(&runtime.policy, ranges.as_deref(), rule, addr);
                 if !ok {
                     entry.resolved.get_or_insert(SocketAddr::new(addr, port));
                     tracing::debug!(host, %addr, "resolved address refused by destination policy");
@@ -362,7 +407,7 @@ async fn dial(
 /// For rules with `require_ip_ranges`: is the address inside one of AWS's published prefixes
 /// for those services, in the live set (`ranges`, which a refresh may have replaced since the
 /// config was loaded)? Validation guarantees a set is loaded when a rule asks for one.
-fn published(ranges: Option<&IpRanges>, rule: &Rule, addr: IpAddr) -> bool {
+pub fn published(ranges: Option<&IpRanges>, rule: &Rule, addr: IpAddr) -> bool {
     if rule.require_ip_ranges.is_empty() {
         return true;
     }
@@ -400,8 +445,9 @@ async fn connect_any(
     Err(Reason::UpstreamUnreachable)
 }
 
-/// Alternates address families, starting with the family DNS listed first (RFC 8305 §4).
-fn interleave_families(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
+/// The order addresses are tried in: families alternate, starting with the family DNS listed
+/// first (RFC 8305 §4).
+pub fn dial_order(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
     let first_v6 = addrs.first().is_some_and(IpAddr::is_ipv6);
     let (mut a, mut b): (Vec<IpAddr>, Vec<IpAddr>) =
         addrs.into_iter().partition(|ip| ip.is_ipv6() == first_v6);
@@ -588,7 +634,7 @@ mod tests {
     #[test]
     fn families_alternate_starting_with_the_first() {
         let v = |s: &str| s.parse::<IpAddr>().unwrap();
-        let out = interleave_families(vec![
+        let out = dial_order(vec![
             v("::1"),
             v("::2"),
             v("1.1.1.1"),

@@ -106,6 +106,11 @@ impl Resolver {
         })
     }
 
+    /// The `[dns] hosts` answer for a name, if it has one: no query is sent for it.
+    pub fn static_answer(&self, host: &str) -> Option<&[IpAddr]> {
+        self.hosts.get(host).map(Vec::as_slice)
+    }
+
     /// Resolves a validated, lowercased host name. `[dns] hosts` answers first on both paths.
     pub async fn resolve(&self, host: &str, path: CachePath) -> Result<Vec<IpAddr>, DnsFailure> {
         if let Some(addrs) = self.hosts.get(host) {

@@ -13,7 +13,8 @@
 //! - [`tunnel`]: relaying bytes both ways.
 //! - [`sni`]: the ClientHello parser and the SNI-matches-CONNECT check.
 //! - [`metrics`]: the Prometheus registry and per-domain handles.
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac`.
+//! - [`explain`]: would a CONNECT pass, and why (`portcullis explain`, `/explain`).
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac`, `/explain`.
 //! - [`access_log`]: the decision and tunnel-close events.
 //! - [`log_writer`]: the batching, never-blocking stdout sink behind the logs.
 //! - [`log_format`]: the JSON log line, written without serde.
@@ -39,6 +40,7 @@ pub mod connect;
 pub mod destination;
 pub mod dns;
 pub mod error;
+pub mod explain;
 pub mod ip_ranges;
 pub mod log_format;
 pub mod log_writer;

@@ -5,10 +5,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use portcullis::explain::RangesInUse;
 use portcullis::log_format::JsonLines;
 use portcullis::log_writer::{FlushGuard, batch_writer};
 use portcullis::reload::Reloader;
+use portcullis::state::Runtime;
 use portcullis::{Config, Listeners, Proxy};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -17,6 +19,8 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Config file; without it, the embedded AppStream profile.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -31,6 +35,28 @@ struct Args {
     log_format: LogFormat,
 }
 
+#[derive(Subcommand)]
+enum Command {
+    /// Would a CONNECT to HOST:PORT pass, and why. Exit 0: allowed; 1: refused; 2: error.
+    Explain(ExplainArgs),
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// The CONNECT target, e.g. gw.amazonappstream.com:443.
+    #[arg(value_name = "HOST:PORT")]
+    target: String,
+    /// Config file; without it, the embedded AppStream profile.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Send no DNS query: judge by the rules alone (`[dns] hosts` answers are still used).
+    #[arg(long)]
+    no_resolve: bool,
+}
+
+/// `explain`'s exit code for a config it cannot use (as clap's for a usage error).
+const EXIT_ERROR: u8 = 2;
+
 #[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     /// One JSON object per line.
@@ -41,6 +67,18 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Explain(explain_args)) = args.command {
+        if args.check || args.print_default_config {
+            Args::command()
+                .error(
+                    clap::error::ErrorKind::ArgumentConflict,
+                    "--check and --print-default-config do not go with explain",
+                )
+                .exit();
+        }
+        let config = explain_args.config.clone().or(args.config);
+        return explain(explain_args, config);
+    }
     if args.print_default_config {
         print!("{}", portcullis::config::DEFAULT_CONFIG);
         return ExitCode::SUCCESS;
@@ -97,6 +135,47 @@ fn check(config: Result<Config, portcullis::config::ConfigError>) -> ExitCode {
         Err(e) => {
             println!("{e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `portcullis explain`: prints the explanation; exit 0 allowed, 1 refused, 2 when the config
+/// cannot be loaded or its resolver built.
+fn explain(args: ExplainArgs, config: Option<PathBuf>) -> ExitCode {
+    let config = match &config {
+        Some(path) => Config::load(path),
+        None => Ok(Config::embedded()),
+    };
+    let config = match config {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_ERROR);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    let explained = runtime.block_on(async {
+        let ranges = RangesInUse::from_config(&config);
+        let runtime = Runtime::new(config)?;
+        let explanation =
+            portcullis::explain::explain(&runtime, &ranges, &args.target, !args.no_resolve).await;
+        Ok::<_, String>(explanation)
+    });
+    match explained {
+        Ok(explanation) => {
+            print!("{explanation}");
+            if explanation.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            eprintln!("portcullis explain: {e}");
+            ExitCode::from(EXIT_ERROR)
         }
     }
 }

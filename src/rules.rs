@@ -337,6 +337,35 @@ impl RuleSet {
     }
 }
 
+impl RuleSet {
+    /// Every rule pattern that matches `host` (validated, lowercased), in config order, whatever
+    /// the port. For explaining a decision (`portcullis explain`), not for making one: it
+    /// compares every pattern.
+    pub fn matching(&self, host: &str) -> Vec<(&Rule, &str)> {
+        if host.len() > MAX_NAME_LEN {
+            return Vec::new();
+        }
+        let labels = HostLabels::new(host);
+        // `patterns` were compiled from the rules' domains in this same order.
+        let sources = self.rules.iter().flat_map(|rule| {
+            rule.domains
+                .iter()
+                .map(move |domain| (rule, domain.as_str()))
+        });
+        sources
+            .zip(&self.patterns)
+            .filter(|(_, pattern)| pattern.matches(&labels))
+            .map(|(source, _)| source)
+            .collect()
+    }
+}
+
+/// Does one host label fit one pattern label (`*`, `d*`, `gw`)? For explaining why a pattern
+/// missed; the data path compares compiled labels.
+pub fn label_fits(pattern_label: &str, label: &str) -> bool {
+    Label::parse(pattern_label).is_ok_and(|compiled| compiled.matches(label))
+}
+
 /// A host name with its label boundaries found once, so the suffix lookups and the
 /// per-pattern comparisons do not each scan it again.
 struct HostLabels<'a> {
@@ -706,6 +735,32 @@ mod tests {
                 assert_eq!(got, expected, "pattern {pattern:?}, host {host:?}");
             }
         }
+    }
+
+    #[test]
+    fn matching_lists_every_pattern_whatever_the_port() {
+        let set = RuleSet::new(vec![
+            rule("a", &["*.example.com", "x.example.com"], &["443"], false),
+            rule("b", &["x.example.com"], &["8443"], false),
+        ])
+        .unwrap();
+        let names = |host: &str| -> Vec<(String, String)> {
+            set.matching(host)
+                .into_iter()
+                .map(|(rule, pattern)| (rule.name.clone(), pattern.to_string()))
+                .collect()
+        };
+        assert_eq!(
+            names("x.example.com"),
+            vec![
+                ("a".into(), "*.example.com".into()),
+                ("a".into(), "x.example.com".into()),
+                ("b".into(), "x.example.com".into())
+            ]
+        );
+        assert_eq!(names("y.example.com").len(), 1);
+        assert!(names("example.com").is_empty());
+        assert!(label_fits("d*", "d111") && !label_fits("d*", "e1") && label_fits("*", "x"));
     }
 
     #[test]

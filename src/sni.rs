@@ -44,6 +44,15 @@ impl SniMode {
             _ => None,
         }
     }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SniMode::Enforce => "enforce",
+            SniMode::Log => "log",
+            SniMode::Off => "off",
+        }
+    }
 }
 
 /// What the first bytes of a tunnel turned out to be.

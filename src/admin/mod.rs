@@ -1,10 +1,11 @@
-//! The admin listener: the status page (`/`, `/status.json`), `/metrics`, `/healthz`,
-//! `/readyz`, `/proxy.pac` (and `/wpad.dat`).
+//! The admin listener: the status page (`/`, `/status.json`), `/explain`, `/metrics`,
+//! `/healthz`, `/readyz`, `/proxy.pac` (and `/wpad.dat`).
 //!
 //! Kept off the proxy port so that scraping and health checks never compete with, or get
 //! mistaken for, client traffic, and so the admin port can be bound to an internal address.
 //! Each page that is more than a line lives in a file of its own here.
 
+mod explain;
 mod pac;
 mod page;
 pub mod status;
@@ -112,6 +113,7 @@ async fn route(
             );
             reply(StatusCode::OK, "application/x-ns-proxy-autoconfig", pac)
         }
+        "/explain" => explain::explain(&shared, request.uri().query()).await,
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     };
     Ok(response)
