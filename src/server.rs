@@ -205,10 +205,9 @@ async fn serve_connection(
                 .request(crate::metrics::INVALID, "", Some(Reason::BadRequest));
             access_log::Entry::new(&client).decision(Some(Reason::BadRequest));
             let reason = Reason::BadRequest.as_str();
-            shared
-                .status
-                .refusals
-                .record(client.addr, "", 0, reason, "");
+            let target = raw_target(&head);
+            let refusals = &shared.status.refusals;
+            refusals.record(client.addr, &target, 0, reason, "");
             let _ = write_and_close(&mut stream, Reason::BadRequest).await;
             return;
         }
@@ -330,6 +329,15 @@ where
     tokio::time::timeout(Duration::from_secs(2), close)
         .await
         .unwrap_or(Ok(()))
+}
+
+/// What a malformed head asked for, as sent (for the status page, which escapes it): the
+/// request line's second word, without anything before an `@` (it may be credentials).
+fn raw_target(head: &[u8]) -> String {
+    let line = head.split(|&b| b == b'\n').next().unwrap_or_default();
+    let target = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
+    let target = target.rsplit(|&b| b == b'@').next().unwrap_or_default();
+    String::from_utf8_lossy(&target[..target.len().min(512)]).into_owned()
 }
 
 enum HeadError {

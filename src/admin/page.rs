@@ -94,15 +94,14 @@ fn refusals_section(page: &mut String, report: &Report) {
         escape(&report.filter)
     );
     for r in &report.recent_refusals {
-        let target = if r.host.is_empty() {
-            String::new()
-        } else {
-            format!("{}:{}", r.host, r.port)
+        let target = match r.port {
+            0 => r.host.clone(),
+            port => format!("{}:{port}", r.host),
         };
         row(
             page,
             &[
-                (&r.time, ""),
+                (&r.time.replace('T', " "), "time"),
                 (&r.client, ""),
                 (&target, ""),
                 (r.reason, "reason"),
@@ -322,7 +321,7 @@ fn thousands(n: usize) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);

@@ -61,7 +61,7 @@
       return [[t.client], [t.host + ":" + t.port], [t.rule], [age(t.age_seconds), "n"], [bytes(t.bytes_up), "n"], [bytes(t.bytes_down), "n"]];
     }, s.tunnels.list_more, "no open tunnels");
     fill("refusals", s.recent_refusals, function (r) {
-      return [[r.time], [r.client], [r.host ? r.host + ":" + r.port : ""], [r.reason, "reason"], [r.rule]];
+      return [[r.time.replace("T", " "), "time"], [r.client], [r.port ? r.host + ":" + r.port : r.host], [r.reason, "reason"], [r.rule]];
     }, 0, s.filter ? "no refusal matches" : "nothing refused yet");
     fill("rules", s.rules, function (r) {
       return [[r.name], [r.domains.join(" ")], [r.ports.join(" ")], [r.sni + (r.private_endpoint ? ", private endpoint" : "")], [r.allowed, "n"], [r.refused, "n"]];

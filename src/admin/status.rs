@@ -12,7 +12,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::log_format::timestamp;
-use crate::sni::SniMode;
 use crate::state::Shared;
 
 /// Individual tunnels listed (the longest-open first).
@@ -183,7 +182,7 @@ pub fn report(shared: &Shared, filter: &str) -> Report {
                     name: rule.name.clone(),
                     domains: rule.domains.clone(),
                     ports: rule.ports.iter().map(|p| port_range(p.clone())).collect(),
-                    sni: sni_mode(rule.sni),
+                    sni: rule.sni.as_str(),
                     private_endpoint: rule.private_endpoint,
                     allowed,
                     refused,
@@ -318,14 +317,6 @@ fn port_range(range: std::ops::RangeInclusive<u16>) -> String {
         range.start().to_string()
     } else {
         format!("{}-{}", range.start(), range.end())
-    }
-}
-
-fn sni_mode(mode: SniMode) -> &'static str {
-    match mode {
-        SniMode::Enforce => "enforce",
-        SniMode::Log => "log",
-        SniMode::Off => "off",
     }
 }
 
