@@ -4,6 +4,8 @@
 
 mod support;
 
+// Shared with tests/clients.rs, which uses all of it.
+#[allow(dead_code)]
 #[path = "browser/chromium.rs"]
 mod chromium;
 
