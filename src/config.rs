@@ -107,6 +107,10 @@ pub struct AdminConfig {
     pub listen: Option<SocketAddr>,
     /// `host:port` that `/proxy.pac` tells clients to use.
     pub advertise: String,
+    /// Who may see `/`, `/status.json` and `/explain`: they show every client's address and
+    /// every refused host, and `/explain` makes DNS lookups on request. The PAC file, probes
+    /// and metrics stay open to whoever reaches the admin port.
+    pub status_allow: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -317,6 +321,7 @@ struct RawAdmin {
     /// An empty string turns the admin listener off.
     listen: Option<Spanned<String>>,
     advertise: Option<Spanned<String>>,
+    status_allow: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -574,9 +579,11 @@ impl RawAdmin {
             Some(v) => p.check(v, |s| advertise(s)),
             None => proxy.and_then(|proxy| proxy.listen.first().map(|a| a.to_string())),
         };
+        let status_allow = nets(self.status_allow, &["127.0.0.0/8", "::1/128"], p);
         Some(AdminConfig {
             listen: listen?,
             advertise: advertise?,
+            status_allow,
         })
     }
 }

@@ -1,6 +1,7 @@
 //! The `portcullis` binary: command line, logging, signals, exit codes. Everything else lives
 //! in the library, behind [`portcullis::Proxy`].
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -30,9 +31,10 @@ struct Args {
     /// Print the embedded default config and exit.
     #[arg(long, conflicts_with_all = ["config", "check"])]
     print_default_config: bool,
-    /// Log format on stdout.
-    #[arg(long, value_enum, default_value_t = LogFormat::Json, env = "PORTCULLIS_LOG_FORMAT")]
-    log_format: LogFormat,
+    /// Log format on stdout. Default: text on a terminal, JSON lines otherwise (a pipe, the
+    /// journal, a container runtime), so a person reads lines and a collector parses them.
+    #[arg(long, value_enum, env = "PORTCULLIS_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand)]
@@ -97,7 +99,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let _log_guard = init_logging(args.log_format);
+    let format = args.log_format.unwrap_or_else(|| {
+        if std::io::stdout().is_terminal() {
+            LogFormat::Text
+        } else {
+            LogFormat::Json
+        }
+    });
+    let _log_guard = init_logging(format);
     // Worker 0: the other workers get runtimes of their own (see `portcullis::workers`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

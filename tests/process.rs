@@ -301,3 +301,51 @@ async fn running_out_of_file_descriptors_backs_off_and_recovers() {
     .await;
     assert!(recovered, "serves again once descriptors are free");
 }
+
+/// Log lines are text on a terminal and JSON lines otherwise; the flag and
+/// `PORTCULLIS_LOG_FORMAT` win over both. The terminal is a real pseudo-terminal (`script`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_text_on_a_terminal_and_json_otherwise() {
+    let World { dns, dir, path, .. } = World::new(&[]).await;
+    write_config(&path, dns.addr, String::new(), false);
+    let first_line = |env: Option<&str>, tty: bool| {
+        let binary = env!("CARGO_BIN_EXE_portcullis");
+        let command = format!("exec {binary} --config {}", path.display());
+        let mut run = if tty {
+            let mut script = std::process::Command::new("script");
+            script.args(["-qefc", &command, "/dev/null"]);
+            script
+        } else {
+            let mut sh = std::process::Command::new("sh");
+            sh.args(["-c", &command]);
+            sh
+        };
+        if let Some(format) = env {
+            run.env("PORTCULLIS_LOG_FORMAT", format);
+        }
+        let mut child = run
+            .env("PORTCULLIS_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        line
+    };
+    let tty = first_line(None, true);
+    assert!(
+        tty.contains("portcullis serving") && !tty.starts_with('{'),
+        "{tty:?}"
+    );
+    let piped = first_line(None, false);
+    assert!(
+        piped.starts_with('{') && piped.contains("\"portcullis serving\""),
+        "{piped:?}"
+    );
+    let forced = first_line(Some("json"), true);
+    assert!(forced.starts_with('{'), "{forced:?}");
+    drop(dir);
+}

@@ -316,3 +316,33 @@ async fn wait_for_text(browser: &mut chromium::Chromium, expression: &str, needl
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The status pages show every client and every refused host, so only `[admin] status_allow`
+/// (loopback by default) sees them; the PAC file and the probes stay open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_status_allow_sees_the_status_pages() {
+    let origin = Origin::echo().await;
+    let proxy = proxy(&origin).await;
+    for path in ["/", "/status.json", "/explain?host=a.example.com&port=443"] {
+        assert_eq!(proxy.admin_get(path).await.0, 200, "{path} from loopback");
+    }
+    let setup = Setup {
+        extra_rules: format!(
+            "[[rule]]\nname = \"t\"\ndomains = [{HOST:?}]\nports = [\"{}\"]\n",
+            origin.addr.port()
+        ),
+        ..Setup::default()
+    };
+    let text = setup.to_toml(proxy.dns.addr).replace(
+        "advertise = \"proxy.test:3128\"\n",
+        "advertise = \"proxy.test:3128\"\nstatus_allow = [\"192.0.2.0/24\"]\n",
+    );
+    let config = portcullis::Config::parse(&text, "narrowed.toml").map_err(|e| e.to_string());
+    proxy.proxy.reload(config).unwrap();
+    for path in ["/", "/status.json", "/explain?host=a.example.com&port=443"] {
+        assert_eq!(proxy.admin_get(path).await.0, 403, "{path}");
+    }
+    for path in ["/proxy.pac", "/wpad.dat", "/metrics", "/healthz", "/readyz"] {
+        assert_eq!(proxy.admin_get(path).await.0, 200, "{path}");
+    }
+}

@@ -13,6 +13,7 @@ pub mod status;
 pub use pac::pac;
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,14 +40,15 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => return,
         };
-        let Ok((stream, _)) = accepted else {
+        let Ok((stream, peer)) = accepted else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let shared = shared.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| route(request, shared.clone()));
+            let peer = crate::connect::unmapped(peer).ip();
+            let service = service_fn(move |request| route(request, peer, shared.clone()));
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
@@ -61,6 +63,7 @@ pub async fn serve(listener: TcpListener, shared: Arc<Shared>, stop: Cancellatio
 
 async fn route(
     request: Request<Incoming>,
+    peer: IpAddr,
     shared: Arc<Shared>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if request.method() != Method::GET && request.method() != Method::HEAD {
@@ -70,7 +73,20 @@ async fn route(
             "GET only\n".into(),
         ));
     }
-    let response = match request.uri().path() {
+    let path = request.uri().path();
+    let status_page = matches!(path, "/" | "/status.json" | "/explain");
+    let allowed = |runtime: &crate::state::Runtime| {
+        let nets = &runtime.config.admin.status_allow;
+        nets.iter().any(|net| net.contains(&peer))
+    };
+    if status_page && !allowed(&shared.runtime()) {
+        return Ok(reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "the status pages answer only [admin] status_allow\n".into(),
+        ));
+    }
+    let response = match path {
         "/metrics" => reply(
             StatusCode::OK,
             "text/plain; version=0.0.4; charset=utf-8",
