@@ -22,9 +22,10 @@ IDLE=""
 OUT=""
 MICRO=1
 DISK_LOGS=0
-FIGURES=setup,bulk,idle
+FIGURES=setup,bulk,idle,status
 PEERS=direct,squid,tinyproxy,portcullis,portcullis-nolog
 CONCURRENCY=1,16,64,256
+STATUS_TUNNELS=0,1000,5000
 usage() {
     sed -n '2,12p' "$SELF" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
@@ -37,7 +38,9 @@ Options:
   --out FILE       report path (default benches/RESULTS.md; quick benches/RESULTS.quick.md)
   --no-micro       skip the criterion micro-benchmarks
   --disk-logs      keep the proxies' logs on disk instead of a private tmpfs
-  --figures LIST   only some figure groups, e.g. idle (default setup,bulk,idle)
+  --figures LIST   only some figure groups, e.g. idle (default setup,bulk,idle,status;
+                   status is portcullis' status page under load)
+  --status-tunnels L  open tunnels at which the status page is measured (default 0,1000,5000)
   --concurrency L  set-up concurrency levels (default 1,16,64,256)
   --peers LIST     only some peers, e.g. direct,portcullis (for investigating; default all)
 EOF
@@ -55,10 +58,18 @@ while [ $# -gt 0 ]; do
         --figures) FIGURES=$2; shift ;;
         --peers) PEERS=$2; shift ;;
         --concurrency) CONCURRENCY=$2; shift ;;
+        --status-tunnels) STATUS_TUNNELS=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
     shift
+done
+# Checked here, before the build, rather than by the load generator after it.
+for group in ${FIGURES//,/ }; do
+    case "$group" in
+        setup|bulk|idle|status) ;;
+        *) echo "run.sh: unknown figure group $group (setup, bulk, idle, status)" >&2; exit 2 ;;
+    esac
 done
 if [ "$QUICK" = 1 ]; then
     RUNS=${RUNS:-1}; DURATION=${DURATION:-1}; WARMUP=${WARMUP:-0.2}; IDLE=${IDLE:-2000}
@@ -99,7 +110,7 @@ if [ "${PORTCULLIS_BENCH_INNER:-}" = 1 ]; then
         --criterion "$BENCH_CRITERION" --criterion-since "$BENCH_SINCE" \
         --portcullis-version "$BENCH_VERSION" \
         --figures "$FIGURES" \
-        --peers "$PEERS" --concurrency "$CONCURRENCY" \
+        --peers "$PEERS" --concurrency "$CONCURRENCY" --status-tunnels "$STATUS_TUNNELS" \
         --command "$BENCH_COMMAND" \
         $( [ "$QUICK" = 1 ] && echo --quick )
     status=$?
@@ -171,6 +182,9 @@ VERSION=$(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo unknown)
 COMMAND="benches/run.sh"
 [ "$QUICK" = 1 ] && COMMAND="$COMMAND --quick"
 [ "$DISK_LOGS" = 1 ] && COMMAND="$COMMAND --disk-logs"
+# A report of some figures or peers says so (the report's header names the other settings).
+[ "$FIGURES" != setup,bulk,idle,status ] && COMMAND="$COMMAND --figures $FIGURES"
+[ "$PEERS" != direct,squid,tinyproxy,portcullis,portcullis-nolog ] && COMMAND="$COMMAND --peers $PEERS"
 
 echo "run.sh: running in a private loopback-only namespace; report: $OUT" >&2
 set +e
@@ -181,7 +195,7 @@ env PORTCULLIS_BENCH_INNER=1 BENCH_WORK="$WORK" BENCH_EXE="$EXE" \
     unshare --net --mount --pid --fork --mount-proc --propagation private \
     bash "$SELF" $( [ "$QUICK" = 1 ] && echo --quick ) --runs "$RUNS" --duration "$DURATION" \
         --warmup "$WARMUP" --idle "$IDLE" --out "$OUT" --figures "$FIGURES" --peers "$PEERS" \
-        --concurrency "$CONCURRENCY"
+        --concurrency "$CONCURRENCY" --status-tunnels "$STATUS_TUNNELS"
 status=$?
 set -e
 if [ $status -ne 0 ]; then

@@ -6,14 +6,14 @@
 //! (93 bytes for the echo host, standing in for the 64-byte echo), close.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -33,6 +33,9 @@ pub struct Target {
     pub head: Option<Arc<[u8]>>,
     /// The first bytes of the tunnel.
     pub hello: Arc<[u8]>,
+    /// The client's own address, when it should not be the kernel's pick (127.0.0.1): the
+    /// status figure spreads its tunnels over many client addresses.
+    pub bind: Option<IpAddr>,
 }
 
 impl Target {
@@ -50,6 +53,15 @@ impl Target {
             connect_to: proxy.unwrap_or(origin),
             head,
             hello: client_hello(host).into(),
+            bind: None,
+        }
+    }
+
+    /// The same tunnel, opened from `client` (any address of 127.0.0.0/8 is on loopback).
+    pub fn opened_from(&self, client: IpAddr) -> Target {
+        Target {
+            bind: Some(client),
+            ..self.clone()
         }
     }
 }
@@ -86,7 +98,14 @@ pub fn client_hello(host: &str) -> Vec<u8> {
 
 /// Connects and, through a proxy, CONNECTs and reads the 200.
 pub async fn open(target: &Target) -> io::Result<TcpStream> {
-    let mut stream = TcpStream::connect(target.connect_to).await?;
+    let mut stream = match target.bind {
+        None => TcpStream::connect(target.connect_to).await?,
+        Some(client) => {
+            let socket = TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(client, 0))?;
+            socket.connect(target.connect_to).await?
+        }
+    };
     stream.set_nodelay(true)?;
     if let Some(head) = &target.head {
         stream.write_all(head).await?;
@@ -426,34 +445,9 @@ pub async fn idle(target: &Target, pid: u32, want: usize) -> io::Result<Idle> {
     let mut held = open_many(target, PROBE.min(want)).await?;
     let fds_probe = procfs::fd_count(pid);
     let fds_each = (fds_probe.saturating_sub(fds_before) as f64 / held.len() as f64).max(1.0);
-    // Stay well inside the limits: a proxy at its last descriptors fails in ways that say
-    // nothing about memory (Squid stops accepting, tinyproxy cannot open a DNS socket).
-    let usable = |limit: u64| limit as f64 * 0.85;
-    let proxy_room = procfs::nofile_limit(&pid.to_string()).map_or(usize::MAX, |limit| {
-        ((usable(limit) - fds_probe as f64) / fds_each).max(0.0) as usize
-    });
-    let own_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
-    let own_room = procfs::nofile_limit("self").map_or(usize::MAX, |limit| {
-        (usable(limit) - own_fds as f64).max(0.0) as usize
-    });
-    let mut count = want;
-    let mut limited_by = None;
-    if held.len() + proxy_room < count {
-        count = held.len() + proxy_room;
-        limited_by = Some(format!(
-            "the proxy's open-file limit ({} fds at {fds_each:.1} per tunnel)",
-            procfs::nofile_limit(&pid.to_string()).unwrap_or(0)
-        ));
-    }
-    if held.len() + own_room < count {
-        count = held.len() + own_room;
-        limited_by = Some(format!(
-            "the load generator's open-file limit ({})",
-            procfs::nofile_limit("self").unwrap_or(0)
-        ));
-    }
-    if count > held.len() {
-        held.extend(open_many(target, count - held.len()).await?);
+    let (more, limited_by) = room(pid, fds_probe, fds_each, want - held.len());
+    if more > 0 {
+        held.extend(open_many(target, more).await?);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_after = procfs::rss_kib(pid);
@@ -470,10 +464,48 @@ pub async fn idle(target: &Target, pid: u32, want: usize) -> io::Result<Idle> {
     })
 }
 
+/// How many of `more` further tunnels fit in the open-file limits of the proxy (which has
+/// `fds_now` open and takes `fds_each` per tunnel) and of this process (one per tunnel), and
+/// which limit cut the number, if one did.
+pub fn room(pid: u32, fds_now: usize, fds_each: f64, more: usize) -> (usize, Option<String>) {
+    // Stay well inside the limits: a proxy at its last descriptors fails in ways that say
+    // nothing about memory (Squid stops accepting, tinyproxy cannot open a DNS socket).
+    let usable = |limit: u64| limit as f64 * 0.85;
+    let proxy_room = procfs::nofile_limit(&pid.to_string()).map_or(usize::MAX, |limit| {
+        ((usable(limit) - fds_now as f64) / fds_each).max(0.0) as usize
+    });
+    let own_fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+    let own_room = procfs::nofile_limit("self").map_or(usize::MAX, |limit| {
+        (usable(limit) - own_fds as f64).max(0.0) as usize
+    });
+    let mut count = more;
+    let mut limited_by = None;
+    if proxy_room < count {
+        count = proxy_room;
+        limited_by = Some(format!(
+            "the proxy's open-file limit ({} fds at {fds_each:.1} per tunnel)",
+            procfs::nofile_limit(&pid.to_string()).unwrap_or(0)
+        ));
+    }
+    if own_room < count {
+        count = own_room;
+        limited_by = Some(format!(
+            "the load generator's open-file limit ({})",
+            procfs::nofile_limit("self").unwrap_or(0)
+        ));
+    }
+    (count, limited_by)
+}
+
 async fn open_many(target: &Target, count: usize) -> io::Result<Vec<TcpStream>> {
-    let opened: Vec<io::Result<TcpStream>> = futures_util::stream::iter(0..count)
-        .map(|_| async {
-            tokio::time::timeout(Duration::from_secs(10), open_echoed(target))
+    open_each(vec![target.clone(); count]).await
+}
+
+/// Opens one echoed tunnel per target, 64 at a time, and holds them.
+pub async fn open_each(targets: Vec<Target>) -> io::Result<Vec<TcpStream>> {
+    let opened: Vec<io::Result<TcpStream>> = futures_util::stream::iter(targets)
+        .map(|target| async move {
+            tokio::time::timeout(Duration::from_secs(10), open_echoed(&target))
                 .await
                 .unwrap_or_else(|_| Err(io::Error::other("idle tunnel open timed out")))
         })

@@ -7,13 +7,15 @@
 //! - `proxybench origin`: the echo, sink and source servers (started by `run`).
 //! - `proxybench run --work DIR --portcullis BIN --out FILE ...`: starts dnsmasq, the origin,
 //!   Squid, tinyproxy and portcullis (twice: logging on and off), measures each figure for every
-//!   peer in turn, repeats, and writes the report with medians.
+//!   peer in turn, repeats, and writes the report with medians; with `--figures status`,
+//!   also portcullis' status page under load.
 
 mod load;
 mod origin;
 mod peers;
 mod procfs;
 mod report;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -75,9 +77,18 @@ pub struct RunArgs {
     /// Only criterion results written after this Unix time are quoted.
     #[arg(long, default_value_t = 0)]
     criterion_since: u64,
-    /// Which figure groups to measure (for debugging the harness; a report wants all three).
-    #[arg(long, value_delimiter = ',', default_value = "setup,bulk,idle")]
+    /// Which figure groups to measure (for debugging the harness; a report wants all four;
+    /// `status` is portcullis' status page under load, which only portcullis has).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "setup,bulk,idle,status",
+        value_parser = ["setup", "bulk", "idle", "status"]
+    )]
     figures: Vec<String>,
+    /// Open idle tunnels at which the status page is measured (the first is the baseline).
+    #[arg(long, value_delimiter = ',', default_value = "0,1000,5000")]
+    status_tunnels: Vec<usize>,
     /// Which peers to run (for investigating one proxy; a report wants all five).
     #[arg(
         long,
@@ -340,6 +351,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             // The idle tunnels are closed now; give the proxy a moment before the next one.
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
+        if wants("status") {
+            status_figure(&mut peers, &args.status_tunnels, &tag, &mut store).await?;
+        }
         for peer in &peers {
             peer.truncate_logs();
         }
@@ -371,6 +385,92 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::write(&args.out, text).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// The status page under load, on a freshly started portcullis (the only peer with one).
+async fn status_figure(
+    peers: &mut [Peer],
+    levels: &[usize],
+    tag: &str,
+    store: &mut Store,
+) -> anyhow::Result<()> {
+    let Some(peer) = peers.iter_mut().find(|p| p.kind == Kind::Portcullis) else {
+        eprintln!("[{tag}] status: skipped, the portcullis peer is not running (--peers)");
+        return Ok(());
+    };
+    let name = peer.kind.name();
+    peer.restart().await?;
+    let pid = peer.pid().expect("a started proxy has a pid");
+    let admin = peer.admin().expect("portcullis has an admin listener");
+    match status::levels(&peer.target(origin::ECHO), admin, pid, levels).await {
+        Ok(levels) => {
+            for level in &levels {
+                log_status(tag, level);
+                store_status(store, name, level);
+            }
+        }
+        Err(e) => {
+            eprintln!("[{tag}] status {name:<16} failed: {e}");
+            store.note_error(name, format!("status page: {e}"));
+        }
+    }
+    // The tunnels are closed now; give the proxy a moment before whatever comes next.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
+}
+
+fn log_status(tag: &str, level: &status::Level) {
+    let pages: Vec<String> = status::PAGES
+        .iter()
+        .zip(&level.pages)
+        .map(|((_, path), page)| {
+            format!(
+                "{path} p50 {:.0} µs p99 {:.0} µs {} B cpu {:.0} µs",
+                page.p50_us, page.p99_us, page.bytes, page.cpu_us
+            )
+        })
+        .collect();
+    eprintln!(
+        "[{tag}] status {} tunnels (page: {} open, {} listed, {} clients)  {}  RSS {} → {} KiB{}",
+        level.tunnels,
+        level.shown_open,
+        level.listed_tunnels,
+        level.listed_clients,
+        pages.join("  "),
+        level.rss_before_kib,
+        level.rss_after_kib,
+        level
+            .limited_by
+            .as_deref()
+            .map(|l| format!(" (limited by {l})"))
+            .unwrap_or_default()
+    );
+}
+
+/// Keys `status/<tunnels asked>/<figure>`, so the report's columns are the levels asked for.
+fn store_status(store: &mut Store, name: &'static str, level: &status::Level) {
+    let key = |figure: &str| format!("status/{}/{figure}", level.asked);
+    store.add(&key("tunnels"), name, level.tunnels as f64);
+    store.add(&key("shown_open"), name, level.shown_open as f64);
+    store.add(&key("listed_tunnels"), name, level.listed_tunnels as f64);
+    store.add(&key("listed_clients"), name, level.listed_clients as f64);
+    for ((form, _), page) in status::PAGES.iter().zip(&level.pages) {
+        store.add(&key(&format!("{form}_p50")), name, page.p50_us);
+        store.add(&key(&format!("{form}_p99")), name, page.p99_us);
+        store.add(
+            &key(&format!("{form}_kib")),
+            name,
+            page.bytes as f64 / 1024.0,
+        );
+        store.add(&key(&format!("{form}_cpu")), name, page.cpu_us);
+    }
+    let (before, after) = (level.rss_before_kib as f64, level.rss_after_kib as f64);
+    store.add(&key("rss_before"), name, before / 1024.0);
+    store.add(&key("rss_after"), name, after / 1024.0);
+    store.add(&key("rss_growth"), name, after - before);
+    if let Some(why) = &level.limited_by {
+        store.note_status_limit(level.asked, level.tunnels, why.clone());
+    }
 }
 
 /// The sum of `portcullis_requests_total{outcome="allowed"}`: metrics were on and counting.

@@ -172,7 +172,9 @@ impl Peer {
                          max_connections = 30000\n\
                          drain_timeout = \"1s\"\n\n\
                          [admin]\n\
-                         listen = \"{admin}\"\n\n\
+                         listen = \"{admin}\"\n\
+                         # the load generator reads the status page (the default, said aloud)\n\
+                         status_allow = [\"127.0.0.0/8\"]\n\n\
                          [dns]\n\
                          servers = [\"{DNS_IP}:53\"]\n\n\
                          [destinations]\n\

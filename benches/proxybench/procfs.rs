@@ -89,6 +89,20 @@ pub fn system_seconds(pid: u32, ticks: f64) -> f64 {
         / ticks
 }
 
+/// Nanoseconds `pid` and its descendants have run so far, summed over their threads from
+/// `/proc/<pid>/task/<tid>/schedstat` (first field). Finer than `stat`'s clock ticks (10 ms),
+/// which a batch of sub-millisecond requests would round to nothing; it counts live threads
+/// only, so a thread that exits inside a window takes its time with it.
+pub fn run_ns(pid: u32) -> u64 {
+    tree(pid)
+        .into_iter()
+        .filter_map(|p| fs::read_dir(format!("/proc/{p}/task")).ok())
+        .flat_map(|tasks| tasks.flatten())
+        .filter_map(|task| fs::read_to_string(task.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
 /// Resident set size in KiB (`VmRSS`), summed over `pid` and its descendants.
 pub fn rss_kib(pid: u32) -> u64 {
     tree(pid)

@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use portcullis::admin::status::{MAX_GROUPS, MAX_ROWS};
+
 use crate::peers::Kind;
 use crate::procfs::Machine;
 use crate::{BULK, RunArgs, bulk_key};
@@ -19,6 +21,8 @@ pub struct Store {
     /// `portcullis_requests_total{outcome="allowed"}` per portcullis peer, summed over the
     /// scrapes taken before each run's idle phase restarts the process.
     metrics: BTreeMap<&'static str, Option<f64>>,
+    /// Status-page levels that held fewer tunnels than asked: asked → (held, why).
+    status_limits: BTreeMap<usize, (usize, String)>,
 }
 
 impl Store {
@@ -40,6 +44,10 @@ impl Store {
 
     pub fn note_limit(&mut self, peer: &'static str, tunnels: usize, why: String) {
         self.limits.insert(peer, (tunnels, why));
+    }
+
+    pub fn note_status_limit(&mut self, asked: usize, held: usize, why: String) {
+        self.status_limits.insert(asked, (held, why));
     }
 
     pub fn add_metrics(&mut self, peer: &'static str, allowed: Option<f64>) {
@@ -316,7 +324,7 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
     let _ = writeln!(
         out,
         "- **Command:** `{}`: {} run(s), each figure counted over {:.1} s after {:.1} s of \
-         warm-up; set-up concurrency {}; {} idle tunnels asked for; all peers interleaved. \
+         warm-up; set-up concurrency {}; {} idle tunnels asked for;{} all peers interleaved. \
          Wall time {:.0} s.",
         args.command,
         args.runs,
@@ -328,6 +336,18 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         args.idle,
+        if args.figures.iter().any(|f| f == "status") {
+            format!(
+                " status page at {} open tunnels;",
+                args.status_tunnels
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        } else {
+            String::new()
+        },
         ctx.elapsed.as_secs_f64()
     );
     out.push_str(
@@ -486,6 +506,11 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
     if !store.limits.is_empty() {
         out.push('\n');
     }
+    let status_rows = if args.figures.iter().any(|f| f == "status") {
+        status_section(&mut out, store, &args.status_tunnels)
+    } else {
+        Vec::new()
+    };
 
     // Targets.
     let p = Kind::Portcullis;
@@ -699,5 +724,147 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
     all_rows.extend(cpu_rows);
     all_rows.extend(idle_rows);
     raw_table(&mut out, store, peers, &all_rows);
+    if !status_rows.is_empty() {
+        raw_table(&mut out, store, &[Kind::Portcullis], &status_rows);
+    }
     out
+}
+
+/// One row of the status-page table; `figure` is the key after `status/<tunnels>/`.
+struct StatusRow {
+    label: String,
+    figure: &'static str,
+    decimals: usize,
+    /// Whether a ratio between levels says anything (latency, size, CPU; not RSS or counts).
+    ratios: bool,
+}
+
+fn status_row(label: impl Into<String>, figure: &'static str, decimals: usize) -> StatusRow {
+    StatusRow {
+        label: label.into(),
+        figure,
+        decimals,
+        ratios: false,
+    }
+}
+
+/// The figures of the status page at each level, labelled for the table.
+fn status_rows() -> Vec<StatusRow> {
+    let ratio = |label: &str, figure, decimals| StatusRow {
+        ratios: true,
+        ..status_row(label, figure, decimals)
+    };
+    vec![
+        status_row("tunnels held open", "tunnels", 0),
+        status_row("open tunnels on the page (`tunnels.open`)", "shown_open", 0),
+        status_row(
+            format!("tunnels listed (capped at {MAX_ROWS})"),
+            "listed_tunnels",
+            0,
+        ),
+        status_row(
+            format!("clients listed (capped at {MAX_GROUPS})"),
+            "listed_clients",
+            0,
+        ),
+        ratio("`GET /` latency p50 (µs)", "html_p50", 0),
+        ratio("`GET /` latency p99 (µs)", "html_p99", 0),
+        ratio("`GET /status.json` latency p50 (µs)", "json_p50", 0),
+        ratio("`GET /status.json` latency p99 (µs)", "json_p99", 0),
+        ratio("`GET /` body (KiB)", "html_kib", 1),
+        ratio("`GET /status.json` body (KiB)", "json_kib", 1),
+        ratio("proxy CPU per `GET /` (µs)", "html_cpu", 0),
+        ratio("proxy CPU per `GET /status.json` (µs)", "json_cpu", 0),
+        status_row("RSS before the status requests (MiB)", "rss_before", 1),
+        status_row("RSS after the status requests (MiB)", "rss_after", 1),
+        status_row("RSS growth over the status requests (KiB)", "rss_growth", 0),
+    ]
+}
+
+/// The status-page section: a column per level of open tunnels, then each level ÷ the first
+/// (the baseline) and the last ÷ the one before it (close to 1 once the lists are full, if
+/// the page is bounded). Returns the rows for the raw values, per level.
+fn status_section(out: &mut String, store: &Store, levels: &[usize]) -> Vec<Row> {
+    let mut levels = levels.to_vec();
+    levels.sort_unstable();
+    levels.dedup();
+    let _ = writeln!(
+        out,
+        "## Status page under load\n\n\
+         portcullis only: Squid and tinyproxy have no page like it (the log-off twin serves \
+         the same page and is left out). A freshly started portcullis; idle tunnels (CONNECT, \
+         200, ClientHello echoed, as in the idle figure) opened level by level and held, from \
+         {CLIENTS} client addresses (127.0.1.x) in turn to one domain, so past {MAX_GROUPS} \
+         tunnels the per-client table is at its cap; nothing is refused, so the list of recent \
+         refusals is empty. At each level, {WARMUP} warm-up requests, then {REQUESTS} counted \
+         ones of each form in turn, sequential, each a plain HTTP/1.0 GET on a fresh TCP \
+         connection to the admin listener, timed from connect to the end of the body (p99 of \
+         {REQUESTS} is the slowest). Body: the largest seen. Proxy CPU per request: the run \
+         time of all portcullis threads (`/proc/<pid>/task/*/schedstat`, finer than `stat`'s \
+         10 ms ticks) over the counted requests, accept and HTTP included. RSS is read before \
+         the warm-up and after both forms. Ratios here are between levels of the same process, \
+         not between peers.\n",
+        CLIENTS = crate::status::CLIENTS,
+        WARMUP = crate::status::WARMUP,
+        REQUESTS = crate::status::REQUESTS,
+    );
+    let p = Kind::Portcullis.name();
+    let cell = |level: usize, figure: &str| store.median(&format!("status/{level}/{figure}"), p);
+    let mut pairs: Vec<(usize, usize)> = levels[1.min(levels.len())..]
+        .iter()
+        .map(|&l| (l, levels[0]))
+        .collect();
+    if levels.len() >= 3 {
+        pairs.push((levels[levels.len() - 1], levels[levels.len() - 2]));
+    }
+    out.push_str("| figure |");
+    for level in &levels {
+        let _ = write!(out, " {level} tunnels |");
+    }
+    for (a, b) in &pairs {
+        let _ = write!(out, " {a} ÷ {b} |");
+    }
+    out.push_str("\n|---|");
+    for _ in 0..levels.len() + pairs.len() {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    let rows = status_rows();
+    for r in &rows {
+        let _ = write!(out, "| {} |", r.label);
+        for &level in &levels {
+            let _ = write!(out, " {} |", fmt(cell(level, r.figure), r.decimals));
+        }
+        for &(a, b) in &pairs {
+            let value = if r.ratios {
+                ratio(cell(a, r.figure), cell(b, r.figure))
+            } else {
+                "—".into()
+            };
+            let _ = write!(out, " {value} |");
+        }
+        out.push('\n');
+    }
+    out.push('\n');
+    for (asked, (held, why)) in &store.status_limits {
+        let _ = writeln!(
+            out,
+            "- {held} tunnels instead of {asked}, limited by {why}."
+        );
+    }
+    if !store.status_limits.is_empty() {
+        out.push('\n');
+    }
+    levels
+        .iter()
+        .flat_map(|&level| {
+            rows.iter().map(move |r| {
+                row(
+                    format!("status, {level} tunnels: {}", r.label),
+                    format!("status/{level}/{}", r.figure),
+                    r.decimals,
+                )
+            })
+        })
+        .collect()
 }
