@@ -44,21 +44,7 @@ const SESSION: Duration = Duration::from_secs(60);
 /// True when `command` runs and exits 0. Otherwise fails the test under
 /// `PORTCULLIS_REQUIRE_TOOLS=1`, or says the test is skipped and returns false.
 async fn have(what: &str, command: &[&str]) -> bool {
-    let ok = Command::new(command[0])
-        .args(&command[1..])
-        .output()
-        .await
-        .is_ok_and(|o| o.status.success());
-    if ok {
-        return true;
-    }
-    let required = std::env::var("PORTCULLIS_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
-    assert!(
-        !required,
-        "{what} is missing ({command:?} failed) and PORTCULLIS_REQUIRE_TOOLS=1: run .ci/client-tools"
-    );
-    eprintln!("SKIPPED: {what} is missing ({command:?} failed); .ci/client-tools installs it");
-    false
+    support::have_tool(what, command)
 }
 
 async fn have_chromium() -> bool {

@@ -9,7 +9,7 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
 use rustix::net::sockopt;
-use support::{Origin, Setup, TestProxy, assert_echo, connect, start};
+use support::{Origin, Setup, TestProxy, assert_echo, connect, rule_for, start_answering};
 use tokio::net::TcpStream;
 
 const HOST: &str = "gw1.amazonappstream.com";
@@ -95,14 +95,10 @@ fn ss_timer(local: SocketAddr, peer: SocketAddr) -> String {
 async fn proxy(origin: &Origin, keepalive: &'static str) -> TestProxy {
     let setup = Setup {
         tcp_keepalive: keepalive,
-        extra_rules: format!(
-            "[[rule]]\nname = \"t\"\ndomains = [{HOST:?}]\nports = [\"{}\"]\n",
-            origin.addr.port()
-        ),
+        extra_rules: rule_for(HOST, origin),
         ..Setup::default()
     };
-    let proxy = start(setup).await;
-    proxy.dns.set(HOST, &["127.0.0.1".parse().unwrap()], 60);
+    let proxy = start_answering(setup, HOST).await;
     // The admin listener answers once `run` has set up the proxy's listeners.
     assert_eq!(proxy.admin_get("/healthz").await.0, 200);
     proxy
@@ -166,10 +162,7 @@ async fn a_reload_changes_it_for_new_connections() {
     let (_, before) = connect(proxy.addr, &authority).await;
     let mut setup_text = Setup {
         tcp_keepalive: "9s",
-        extra_rules: format!(
-            "[[rule]]\nname = \"t\"\ndomains = [{HOST:?}]\nports = [\"{}\"]\n",
-            origin.addr.port()
-        ),
+        extra_rules: rule_for(HOST, &origin),
         ..Setup::default()
     }
     .to_toml(proxy.dns.addr);

@@ -40,14 +40,10 @@ fn missing<T>(test: &str, what: &str) -> Option<T> {
     if std::env::var(REQUIRE_TOOLS).as_deref() == Ok("1") {
         panic!("{test}: {what}; {REQUIRE_TOOLS}=1 requires it (run .ci/observability-checks)");
     }
-    // Straight to the process's stderr: libtest captures `eprintln!` of passing tests, and a
-    // skip that nobody sees is no message.
-    use std::io::Write;
-    let _ = writeln!(
-        std::io::stderr(),
-        "SKIPPED {test}: {what} (run .ci/observability-checks to install it; \
+    support::skipped(&format!(
+        "{test}: {what} (run .ci/observability-checks to install it; \
          {REQUIRE_TOOLS}=1 turns this skip into a failure)"
-    );
+    ));
     None
 }
 

@@ -34,10 +34,7 @@ async fn behind_balancer(origin: &Origin, extra: Setup) -> TestProxy {
 }
 
 fn rule(origin: &Origin) -> String {
-    format!(
-        "[[rule]]\nname = \"t\"\ndomains = [{HOST:?}]\nports = [\"{}\"]\n",
-        origin.addr.port()
-    )
+    support::rule_for(HOST, origin)
 }
 
 fn connect_head(origin: &Origin) -> Vec<u8> {

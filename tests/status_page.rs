@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
-use support::{Origin, Setup, TestProxy, assert_echo, connect, have_tool, request, start};
+use support::{
+    Origin, Setup, TestProxy, assert_echo, connect, have_tool, request, rule_for, start_answering,
+};
 use tokio::net::TcpStream;
 
 const HOST: &str = "gw1.amazonappstream.com";
@@ -21,15 +23,10 @@ const HOSTILE: &str = "<script>alert(1)</script>\"'.example.com";
 
 async fn proxy(origin: &Origin) -> TestProxy {
     let setup = Setup {
-        extra_rules: format!(
-            "[[rule]]\nname = \"t\"\ndomains = [{HOST:?}]\nports = [\"{}\"]\n",
-            origin.addr.port()
-        ),
+        extra_rules: rule_for(HOST, origin),
         ..Setup::default()
     };
-    let proxy = start(setup).await;
-    proxy.dns.set(HOST, &["127.0.0.1".parse().unwrap()], 60);
-    proxy
+    start_answering(setup, HOST).await
 }
 
 async fn status(proxy: &TestProxy, query: &str) -> Value {
@@ -327,10 +324,7 @@ async fn only_status_allow_sees_the_status_pages() {
         assert_eq!(proxy.admin_get(path).await.0, 200, "{path} from loopback");
     }
     let setup = Setup {
-        extra_rules: format!(
-            "[[rule]]\nname = \"t\"\ndomains = [{HOST:?}]\nports = [\"{}\"]\n",
-            origin.addr.port()
-        ),
+        extra_rules: rule_for(HOST, &origin),
         ..Setup::default()
     };
     let text = setup.to_toml(proxy.dns.addr).replace(

@@ -154,15 +154,10 @@ async fn proxy_with(
     let setup = Setup {
         proxy_tls,
         allow_cert_names,
-        extra_rules: format!(
-            "[[rule]]\nname = \"t\"\ndomains = [{HOST:?}]\nports = [\"{}\"]\n",
-            origin.addr.port()
-        ),
+        extra_rules: support::rule_for(HOST, origin),
         ..Setup::default()
     };
-    let proxy = start(setup).await;
-    proxy.dns.set(HOST, &["127.0.0.1".parse().unwrap()], 60);
-    proxy
+    support::start_answering(setup, HOST).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -190,16 +185,7 @@ async fn tunnels_through_an_https_proxy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn curl_speaks_https_to_the_proxy() {
-    if std::process::Command::new("curl")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var_os("PORTCULLIS_REQUIRE_TOOLS").is_none(),
-            "curl is required (PORTCULLIS_REQUIRE_TOOLS is set)"
-        );
-        eprintln!("SKIPPED: curl is not installed");
+    if !support::have_tool("curl", &["curl", "--version"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

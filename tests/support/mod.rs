@@ -198,6 +198,21 @@ pub struct TestProxy {
     task: Option<JoinHandle<()>>,
 }
 
+/// A `[[rule]]` named `t` admitting `host` on the port `origin` listens on.
+pub fn rule_for(host: &str, origin: &Origin) -> String {
+    format!(
+        "[[rule]]\nname = \"t\"\ndomains = [{host:?}]\nports = [\"{}\"]\n",
+        origin.addr.port()
+    )
+}
+
+/// [`start`], with `host` answered by the test DNS server as 127.0.0.1.
+pub async fn start_answering(setup: Setup, host: &str) -> TestProxy {
+    let proxy = start(setup).await;
+    proxy.dns.set(host, &["127.0.0.1".parse().unwrap()], 60);
+    proxy
+}
+
 /// Starts a DNS server and a proxy pointed at it.
 pub async fn start(setup: Setup) -> TestProxy {
     isolate();
@@ -453,8 +468,50 @@ pub fn have_tool(what: &str, command: &[&str]) -> bool {
     let required = std::env::var("PORTCULLIS_REQUIRE_TOOLS").is_ok_and(|v| v == "1");
     assert!(
         !required,
-        "{what} is missing ({command:?} failed) and PORTCULLIS_REQUIRE_TOOLS=1"
+        "{what} is missing ({command:?} failed) and PORTCULLIS_REQUIRE_TOOLS=1: run .ci/client-tools or .ci/observability-checks"
     );
-    eprintln!("SKIPPED: {what} is missing ({command:?} failed)");
+    skipped(&format!("{what} is missing ({command:?} failed)"));
     false
+}
+
+/// Says a test was skipped where it is seen: straight to the process's stderr (libtest
+/// captures `eprintln!` of passing tests, and a skip nobody sees is no message), and into
+/// `target/test-skips.txt`, which `tests/zz_skipped.rs`, the last test binary of a run,
+/// sums up and clears.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    let line = format!("SKIPPED {test}: {why}");
+    let _ = writeln!(std::io::stderr(), "{line}");
+    let list = skips_file();
+    let _ = std::fs::create_dir_all(list.parent().unwrap());
+    if let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&list)
+    {
+        let exe = std::env::current_exe().ok();
+        let binary = exe
+            .as_ref()
+            .and_then(|e| e.file_stem())
+            .map_or(String::new(), |s| {
+                s.to_string_lossy()
+                    .split('-')
+                    .next()
+                    .unwrap_or_default()
+                    .to_string()
+            });
+        let _ = writeln!(file, "{binary}::{line}");
+    }
+}
+
+/// Where skips are listed until the summary reads them.
+pub fn skips_file() -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("test-skips.txt")
 }
