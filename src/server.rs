@@ -127,92 +127,135 @@ async fn serve_connection(
     permit: OwnedSemaphorePermit,
 ) {
     let runtime = shared.runtime();
-    let own = connect::unmapped(peer);
-    let trusted = runtime.config.trusts_proxy_header(own.ip());
-    // An untrusted source is refused before a byte is read; a balancer's client only once
-    // its header has said who it is.
-    if !trusted && !runtime.config.client_allowed(own.ip()) {
-        reject(&mut stream, own, &shared, Reason::ClientNotAllowed).await;
-        return;
-    }
     // One budget for the PROXY header, the TLS handshake and the request head together.
     let deadline = Instant::now() + runtime.config.proxy.header_timeout;
+    // Bytes read ahead: a PROXY header's search may read the start of the handshake or head.
     let mut head = BytesMut::with_capacity(1024);
-    let header = tokio::select! {
-        read = tokio::time::timeout_at(deadline, proxy_protocol::read(&mut stream, &mut head, trusted)) => read,
-        () = shared.abort.cancelled() => return,
-    };
-    let client = match header {
-        Err(_elapsed) => {
-            reject(&mut stream, own, &shared, Reason::HeaderTimeout).await;
-            return;
-        }
-        Ok(Err(Refused::Closed)) => return,
-        Ok(Err(refused)) => {
-            refuse_header(&mut stream, own, &shared, refused).await;
-            return;
-        }
-        Ok(Ok(header)) => {
-            let health_check = header.as_ref().is_some_and(|h| h.local);
-            let client = ClientInfo::behind(own, header);
-            if health_check && !runtime.config.client_allowed(client.addr.ip()) {
-                // A balancer's `LOCAL` health check is not a client: no reply, no log line.
-                tracing::debug!(balancer = %own, "PROXY LOCAL health check");
-                return;
-            }
-            client
-        }
-    };
-    if trusted && !runtime.config.client_allowed(client.addr.ip()) {
-        reject(&mut stream, client.addr, &shared, Reason::ClientNotAllowed).await;
+    let Some(client) = identify(&mut stream, peer, &runtime, &shared, &mut head, deadline).await
+    else {
         return;
-    }
+    };
     let _ = stream.set_nodelay(true);
-    let (mut stream, cert) = match tls {
-        None => (ClientStream::Plain(stream), None),
+    let (mut stream, client) = match tls {
+        None => (ClientStream::Plain(stream), client),
         Some(index) => {
-            // What was read looking for a header is the start of the handshake.
             let early = std::mem::take(&mut head);
-            match handshake(stream, early, &runtime, index, deadline).await {
-                Ok(accepted) => accepted,
-                Err(reason) => {
-                    shared.metrics.connection_rejected(reason);
-                    tracing::debug!(client = %client.addr, reason, "TLS handshake failed");
-                    return;
-                }
+            let secured = secure(stream, early, client, index, &runtime, &shared, deadline);
+            match secured.await {
+                Some(secured) => secured,
+                None => return,
             }
         }
     };
-    if !cert_allowed(&runtime, tls, cert.as_deref()) {
-        reject(&mut stream, client.addr, &shared, Reason::ClientNotAllowed).await;
-        return;
-    }
     drop(runtime);
-    let client = ClientInfo { cert, ..client };
     let read = tokio::select! {
         read = tokio::time::timeout_at(deadline, read_head(&mut stream, &mut head)) => read,
         () = shared.abort.cancelled() => return,
     };
     match read {
-        Err(_elapsed) => {
-            reject(&mut stream, client.addr, &shared, Reason::HeaderTimeout).await;
-            return;
-        }
-        Ok(Err(HeadError::Closed)) => return,
-        Ok(Err(HeadError::Malformed)) => {
-            shared
-                .metrics
-                .request(crate::metrics::INVALID, "", Some(Reason::BadRequest));
-            access_log::Entry::new(&client).decision(Some(Reason::BadRequest));
-            let reason = Reason::BadRequest.as_str();
-            let target = raw_target(&head);
-            let refusals = &shared.status.refusals;
-            refusals.record(client.addr, &target, 0, reason, "");
-            let _ = write_and_close(&mut stream, Reason::BadRequest).await;
-            return;
-        }
-        Ok(Ok(())) => {}
+        Err(_elapsed) => reject(&mut stream, client.addr, &shared, Reason::HeaderTimeout).await,
+        Ok(Err(HeadError::Closed)) => {}
+        Ok(Err(HeadError::Malformed)) => malformed(&mut stream, &client, &shared, &head).await,
+        Ok(Ok(())) => serve_http(stream, head, client, shared, permit).await,
     }
+}
+
+/// Who the client is: the connection's peer, or the client a trusted balancer's PROXY header
+/// names; `None` once the connection has been answered (or a health check has closed). Both
+/// are held to `[clients] allow`: an untrusted source before a byte is read, a balancer's
+/// client once its header has said who it is.
+async fn identify(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    runtime: &Runtime,
+    shared: &Shared,
+    head: &mut BytesMut,
+    deadline: Instant,
+) -> Option<ClientInfo> {
+    let own = connect::unmapped(peer);
+    let trusted = runtime.config.trusts_proxy_header(own.ip());
+    if !trusted && !runtime.config.client_allowed(own.ip()) {
+        reject(stream, own, shared, Reason::ClientNotAllowed).await;
+        return None;
+    }
+    let header = tokio::select! {
+        read = tokio::time::timeout_at(deadline, proxy_protocol::read(stream, head, trusted)) => read,
+        () = shared.abort.cancelled() => return None,
+    };
+    let header = match header {
+        Err(_elapsed) => {
+            reject(stream, own, shared, Reason::HeaderTimeout).await;
+            return None;
+        }
+        Ok(Err(Refused::Closed)) => return None,
+        Ok(Err(refused)) => {
+            refuse_header(stream, own, shared, refused).await;
+            return None;
+        }
+        Ok(Ok(header)) => header,
+    };
+    let health_check = header.as_ref().is_some_and(|h| h.local);
+    let client = ClientInfo::behind(own, header);
+    if trusted && !runtime.config.client_allowed(client.addr.ip()) {
+        if health_check {
+            // A balancer's `LOCAL` health check is not a client: no reply, no log line.
+            tracing::debug!(balancer = %own, "PROXY LOCAL health check");
+        } else {
+            reject(stream, client.addr, shared, Reason::ClientNotAllowed).await;
+        }
+        return None;
+    }
+    Some(client)
+}
+
+/// The TLS handshake of a `[[proxy.tls]]` listener, and its client certificate's name held to
+/// `[clients] allow_cert_names`; `None` once the connection is over.
+async fn secure(
+    stream: TcpStream,
+    early: BytesMut,
+    client: ClientInfo,
+    index: usize,
+    runtime: &Runtime,
+    shared: &Shared,
+    deadline: Instant,
+) -> Option<(ClientStream, ClientInfo)> {
+    let (mut stream, cert) = match handshake(stream, early, runtime, index, deadline).await {
+        Ok(accepted) => accepted,
+        Err(reason) => {
+            shared.metrics.connection_rejected(reason);
+            tracing::debug!(client = %client.addr, reason, "TLS handshake failed");
+            return None;
+        }
+    };
+    if !cert_allowed(runtime, Some(index), cert.as_deref()) {
+        reject(&mut stream, client.addr, shared, Reason::ClientNotAllowed).await;
+        return None;
+    }
+    Some((stream, ClientInfo { cert, ..client }))
+}
+
+/// A request head hyper must not see: 400, counted, logged, and on the status page with the
+/// target as sent.
+async fn malformed(stream: &mut ClientStream, client: &ClientInfo, shared: &Shared, head: &[u8]) {
+    shared
+        .metrics
+        .request(crate::metrics::INVALID, "", Some(Reason::BadRequest));
+    access_log::Entry::new(client).decision(Some(Reason::BadRequest));
+    let reason = Reason::BadRequest.as_str();
+    let refusals = &shared.status.refusals;
+    refusals.record(client.addr, &raw_target(head), 0, reason, "");
+    let _ = write_and_close(stream, Reason::BadRequest).await;
+}
+
+/// Hands the connection, head bytes first, to hyper for the CONNECT and what follows.
+async fn serve_http(
+    stream: ClientStream,
+    head: BytesMut,
+    client: ClientInfo,
+    shared: Arc<Shared>,
+    permit: OwnedSemaphorePermit,
+) {
+    let peer = client.addr;
     let io = TokioIo::new(Prefixed::new(head.freeze(), stream));
     // The connection's permit moves into the tunnel if one opens, so open tunnels count
     // against `max_connections` for as long as they live.
