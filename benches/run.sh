@@ -3,7 +3,7 @@
 # connection, on loopback, in a private network namespace, with names resolved by a local
 # dnsmasq. Writes benches/RESULTS.md (benches/RESULTS.quick.md with --quick).
 #
-#   benches/run.sh                 # the full benchmark (3 runs, medians; about 15 minutes)
+#   benches/run.sh                 # the full benchmark (3 runs, medians; about 18 minutes)
 #   benches/run.sh --quick         # a smoke test (1 short run; under 2 minutes once built)
 #   benches/run.sh --runs 5 --duration 5 --idle 10000 --out /tmp/r.md
 #
@@ -22,10 +22,13 @@ IDLE=""
 OUT=""
 MICRO=1
 DISK_LOGS=0
-FIGURES=setup,bulk,idle,status
+FIGURES=setup,bulk,idle,status,stream
 PEERS=direct,squid,tinyproxy,portcullis,portcullis-nolog
 CONCURRENCY=1,16,64,256
 STATUS_TUNNELS=0,1000,5000
+STREAM_TUNNELS=300
+STREAM_DURATION=""
+STREAM_PRIME=320
 usage() {
     sed -n '2,12p' "$SELF" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
@@ -38,9 +41,13 @@ Options:
   --out FILE       report path (default benches/RESULTS.md; quick benches/RESULTS.quick.md)
   --no-micro       skip the criterion micro-benchmarks
   --disk-logs      keep the proxies' logs on disk instead of a private tmpfs
-  --figures LIST   only some figure groups, e.g. idle (default setup,bulk,idle,status;
-                   status is portcullis' status page under load)
+  --figures LIST   only some figure groups, e.g. idle (default setup,bulk,idle,status,stream;
+                   status is portcullis' status page under load; stream is small frames
+                   at a steady rate through long-lived tunnels)
   --status-tunnels L  open tunnels at which the status page is measured (default 0,1000,5000)
+  --stream-tunnels N  tunnels of the stream figure, 30 frames/s each (default 300)
+  --stream-duration S seconds the stream figure counts for (default 10; quick 2)
+  --stream-prime KIB  bytes each streaming tunnel carries first (default 320; 0: young tunnels)
   --concurrency L  set-up concurrency levels (default 1,16,64,256)
   --peers LIST     only some peers, e.g. direct,portcullis (for investigating; default all)
 EOF
@@ -59,6 +66,9 @@ while [ $# -gt 0 ]; do
         --peers) PEERS=$2; shift ;;
         --concurrency) CONCURRENCY=$2; shift ;;
         --status-tunnels) STATUS_TUNNELS=$2; shift ;;
+        --stream-tunnels) STREAM_TUNNELS=$2; shift ;;
+        --stream-duration) STREAM_DURATION=$2; shift ;;
+        --stream-prime) STREAM_PRIME=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -67,15 +77,17 @@ done
 # Checked here, before the build, rather than by the load generator after it.
 for group in ${FIGURES//,/ }; do
     case "$group" in
-        setup|bulk|idle|status) ;;
-        *) echo "run.sh: unknown figure group $group (setup, bulk, idle, status)" >&2; exit 2 ;;
+        setup|bulk|idle|status|stream) ;;
+        *) echo "run.sh: unknown figure group $group (setup, bulk, idle, status, stream)" >&2; exit 2 ;;
     esac
 done
 if [ "$QUICK" = 1 ]; then
     RUNS=${RUNS:-1}; DURATION=${DURATION:-1}; WARMUP=${WARMUP:-0.2}; IDLE=${IDLE:-2000}
+    STREAM_DURATION=${STREAM_DURATION:-2}
     OUT=${OUT:-$ROOT/benches/RESULTS.quick.md}
 else
     RUNS=${RUNS:-3}; DURATION=${DURATION:-3}; WARMUP=${WARMUP:-0.5}; IDLE=${IDLE:-10000}
+    STREAM_DURATION=${STREAM_DURATION:-10}
     OUT=${OUT:-$ROOT/benches/RESULTS.md}
 fi
 case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
@@ -111,6 +123,8 @@ if [ "${PORTCULLIS_BENCH_INNER:-}" = 1 ]; then
         --portcullis-version "$BENCH_VERSION" \
         --figures "$FIGURES" \
         --peers "$PEERS" --concurrency "$CONCURRENCY" --status-tunnels "$STATUS_TUNNELS" \
+        --stream-tunnels "$STREAM_TUNNELS" --stream-duration "$STREAM_DURATION" \
+        --stream-prime-kib "$STREAM_PRIME" \
         --command "$BENCH_COMMAND" \
         $( [ "$QUICK" = 1 ] && echo --quick )
     status=$?
@@ -183,8 +197,9 @@ COMMAND="benches/run.sh"
 [ "$QUICK" = 1 ] && COMMAND="$COMMAND --quick"
 [ "$DISK_LOGS" = 1 ] && COMMAND="$COMMAND --disk-logs"
 # A report of some figures or peers says so (the report's header names the other settings).
-[ "$FIGURES" != setup,bulk,idle,status ] && COMMAND="$COMMAND --figures $FIGURES"
+[ "$FIGURES" != setup,bulk,idle,status,stream ] && COMMAND="$COMMAND --figures $FIGURES"
 [ "$PEERS" != direct,squid,tinyproxy,portcullis,portcullis-nolog ] && COMMAND="$COMMAND --peers $PEERS"
+[ "$STREAM_PRIME" != 320 ] && COMMAND="$COMMAND --stream-prime $STREAM_PRIME"
 
 echo "run.sh: running in a private loopback-only namespace; report: $OUT" >&2
 set +e
@@ -195,7 +210,9 @@ env PORTCULLIS_BENCH_INNER=1 BENCH_WORK="$WORK" BENCH_EXE="$EXE" \
     unshare --net --mount --pid --fork --mount-proc --propagation private \
     bash "$SELF" $( [ "$QUICK" = 1 ] && echo --quick ) --runs "$RUNS" --duration "$DURATION" \
         --warmup "$WARMUP" --idle "$IDLE" --out "$OUT" --figures "$FIGURES" --peers "$PEERS" \
-        --concurrency "$CONCURRENCY" --status-tunnels "$STATUS_TUNNELS"
+        --concurrency "$CONCURRENCY" --status-tunnels "$STATUS_TUNNELS" \
+        --stream-tunnels "$STREAM_TUNNELS" --stream-duration "$STREAM_DURATION" \
+        --stream-prime "$STREAM_PRIME"
 status=$?
 set -e
 if [ $status -ne 0 ]; then

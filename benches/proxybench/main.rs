@@ -8,7 +8,8 @@
 //! - `proxybench run --work DIR --portcullis BIN --out FILE ...`: starts dnsmasq, the origin,
 //!   Squid, tinyproxy and portcullis (twice: logging on and off), measures each figure for every
 //!   peer in turn, repeats, and writes the report with medians; with `--figures status`,
-//!   also portcullis' status page under load.
+//!   also portcullis' status page under load; with `--figures stream`, hundreds of
+//!   long-lived tunnels carrying small frames at a steady rate, for every peer.
 
 mod load;
 mod origin;
@@ -16,6 +17,7 @@ mod peers;
 mod procfs;
 mod report;
 mod status;
+mod stream;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -77,15 +79,31 @@ pub struct RunArgs {
     /// Only criterion results written after this Unix time are quoted.
     #[arg(long, default_value_t = 0)]
     criterion_since: u64,
-    /// Which figure groups to measure (for debugging the harness; a report wants all four;
-    /// `status` is portcullis' status page under load, which only portcullis has).
+    /// Which figure groups to measure (for debugging the harness; a report wants all five;
+    /// `status` is portcullis' status page under load, which only portcullis has; `stream`
+    /// is small frames at a steady rate through long-lived tunnels).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "setup,bulk,idle,status",
-        value_parser = ["setup", "bulk", "idle", "status"]
+        default_value = "setup,bulk,idle,status,stream",
+        value_parser = ["setup", "bulk", "idle", "status", "stream"]
     )]
     figures: Vec<String>,
+    /// Concurrent tunnels of the streaming figure, each carrying frames at 30 per second.
+    #[arg(long, default_value_t = 300)]
+    stream_tunnels: usize,
+    /// Seconds the streaming figure counts for (longer than `--duration`: its p99.9 needs
+    /// the frames).
+    #[arg(long, default_value_t = 10.0)]
+    stream_duration: f64,
+    /// Seconds of frames before the streaming figure counts.
+    #[arg(long, default_value_t = 1.0)]
+    stream_warmup: f64,
+    /// KiB each streaming tunnel carries each way before its frames, so it is in the state of
+    /// a stream that has run for a while (portcullis splices a direction after 256 KiB); 0
+    /// measures young tunnels.
+    #[arg(long, default_value_t = 320)]
+    stream_prime_kib: usize,
     /// Open idle tunnels at which the status page is measured (the first is the baseline).
     #[arg(long, value_delimiter = ',', default_value = "0,1000,5000")]
     status_tunnels: Vec<usize>,
@@ -303,6 +321,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
+        if wants("stream") {
+            stream_figure(&peers, &order, &args, &origin_helper, rep, &tag, &mut store).await;
+        }
         // Before the idle phase restarts the proxies: evidence that logs and metrics were on.
         for peer in &peers {
             if let Some(admin) = peer.admin() {
@@ -385,6 +406,131 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     std::fs::write(&args.out, text).with_context(|| format!("writing {}", args.out.display()))?;
     eprintln!("wrote {}", args.out.display());
     Ok(())
+}
+
+/// Streaming frames through every peer, in this run's order; the RTT each peer adds is taken
+/// against this run's direct figures.
+async fn stream_figure(
+    peers: &[Peer],
+    order: &[usize],
+    args: &RunArgs,
+    origin: &Helper,
+    rep: usize,
+    tag: &str,
+    store: &mut Store,
+) {
+    let mut measured = Vec::new();
+    for &i in order {
+        let peer = &peers[i];
+        let name = peer.kind.name();
+        let meters = stream::Meters {
+            proxy: peer.pid(),
+            origin: origin.pid(),
+            ticks: procfs::clock_ticks(),
+        };
+        let result = stream::stream(
+            &peer.target(origin::ECHO),
+            args.stream_tunnels,
+            args.stream_prime_kib,
+            Duration::from_secs_f64(args.stream_warmup),
+            Duration::from_secs_f64(args.stream_duration),
+            meters,
+            rep as u64,
+        )
+        .await;
+        match result {
+            Ok(s) => {
+                eprintln!(
+                    "[{tag}] stream {name:<16} {} tunnels  {:>6.0}/{:.0} frames/s  RTT p50 {:>6.0} \
+                     p99 {:>6.0} p99.9 {:>6.0} max {:>6.0} µs  cpu {:>5.1} µs/frame (sys {:>5.1}, stat {:>5.1}, \
+                     {:.2} slices, wait {:.1} µs)  {:.2} cores  client {:.2} cores (wait {:.1} µs/frame)  origin {:.2}  \
+                     machine {:.2} (other {:.2})  send late p99 {:.0} µs  lost {} late {} skipped {} broken {}{}",
+                    s.tunnels,
+                    s.rate,
+                    s.offered,
+                    s.p50_us,
+                    s.p99_us,
+                    s.p999_us,
+                    s.max_us,
+                    s.cpu_us,
+                    s.system_us,
+                    s.stat_cpu_us,
+                    s.slices,
+                    s.wait_us,
+                    s.cores,
+                    s.client_cores,
+                    s.client_wait_us,
+                    s.origin_cores,
+                    s.machine_cores,
+                    s.other_cores,
+                    s.send_lateness_p99_us,
+                    s.lost,
+                    s.late,
+                    s.skipped,
+                    s.broken,
+                    s.first_error
+                        .as_deref()
+                        .map(|e| format!(" (first: {e})"))
+                        .unwrap_or_default()
+                );
+                if let Some(e) = &s.first_error {
+                    store.note_error(name, format!("stream: {e}"));
+                }
+                measured.push((peer.kind, s));
+            }
+            Err(e) => {
+                eprintln!("[{tag}] stream {name:<16} failed: {e}");
+                store.note_error(name, format!("stream: {e}"));
+            }
+        }
+        // The tunnels are closed now; give the proxy a moment before the next one.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let direct = measured
+        .iter()
+        .find(|(kind, _)| *kind == Kind::Direct)
+        .map(|(_, s)| s.clone());
+    for (kind, s) in &measured {
+        store_stream(store, kind.name(), s, direct.as_ref());
+    }
+}
+
+/// Keys `stream/<figure>`; the added RTT is over the same run's direct figure.
+fn store_stream(
+    store: &mut Store,
+    name: &'static str,
+    s: &stream::Stream,
+    direct: Option<&stream::Stream>,
+) {
+    let mut add = |figure: &str, value: f64| store.add(&format!("stream/{figure}"), name, value);
+    add("tunnels", s.tunnels as f64);
+    add("offered", s.offered);
+    add("sent_rate", s.sent_rate);
+    add("rate", s.rate);
+    add("p50", s.p50_us);
+    add("p99", s.p99_us);
+    add("p999", s.p999_us);
+    add("max", s.max_us);
+    let over = |pick: fn(&stream::Stream) -> f64| direct.map_or(f64::NAN, |d| pick(s) - pick(d));
+    add("added_p50", over(|s| s.p50_us));
+    add("added_p99", over(|s| s.p99_us));
+    add("added_p999", over(|s| s.p999_us));
+    add("cpu", s.cpu_us);
+    add("sys", s.system_us);
+    add("cores", s.cores);
+    add("slices", s.slices);
+    add("wait", s.wait_us);
+    add("client_cores", s.client_cores);
+    add("client_us", s.client_us);
+    add("client_wait", s.client_wait_us);
+    add("origin_cores", s.origin_cores);
+    add("machine_cores", s.machine_cores);
+    add("other_cores", s.other_cores);
+    add("send_late_p99", s.send_lateness_p99_us);
+    add("lost", s.lost as f64);
+    add("late", s.late as f64);
+    add("skipped", s.skipped as f64);
+    add("broken", s.broken as f64);
 }
 
 /// The status page under load, on a freshly started portcullis (the only peer with one).

@@ -94,13 +94,77 @@ pub fn system_seconds(pid: u32, ticks: f64) -> f64 {
 /// which a batch of sub-millisecond requests would round to nothing; it counts live threads
 /// only, so a thread that exits inside a window takes its time with it.
 pub fn run_ns(pid: u32) -> u64 {
-    tree(pid)
-        .into_iter()
+    sched_tree(pid).run_ns
+}
+
+/// What the scheduler says of a group of threads (`/proc/<pid>/task/<tid>/schedstat`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sched {
+    /// Nanoseconds run on a CPU.
+    pub run_ns: u64,
+    /// Nanoseconds runnable but waiting for a CPU (the cores were busy with something else).
+    pub wait_ns: u64,
+    /// Times a thread was put on a CPU: about one per wake-up.
+    pub slices: u64,
+}
+
+impl Sched {
+    /// `self - earlier`, field by field.
+    pub fn since(self, earlier: Sched) -> Sched {
+        Sched {
+            run_ns: self.run_ns.saturating_sub(earlier.run_ns),
+            wait_ns: self.wait_ns.saturating_sub(earlier.wait_ns),
+            slices: self.slices.saturating_sub(earlier.slices),
+        }
+    }
+}
+
+/// All three `schedstat` fields summed over the live threads of `pids`.
+fn sched_of(pids: impl IntoIterator<Item = u32>) -> Sched {
+    pids.into_iter()
         .filter_map(|p| fs::read_dir(format!("/proc/{p}/task")).ok())
         .flat_map(|tasks| tasks.flatten())
         .filter_map(|task| fs::read_to_string(task.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
+        .fold(Sched::default(), |sum, text| {
+            let mut fields = text
+                .split_whitespace()
+                .map(|f| f.parse::<u64>().unwrap_or(0));
+            let mut next = || fields.next().unwrap_or(0);
+            Sched {
+                run_ns: sum.run_ns + next(),
+                wait_ns: sum.wait_ns + next(),
+                slices: sum.slices + next(),
+            }
+        })
+}
+
+/// [`Sched`] of `pid` and its descendants (a proxy and its helpers or worker processes).
+pub fn sched_tree(pid: u32) -> Sched {
+    sched_of(tree(pid))
+}
+
+/// [`Sched`] of `pid`'s own threads: for the load generator, whose children are the origin
+/// and the peers.
+pub fn sched_own(pid: u32) -> Sched {
+    sched_of([pid])
+}
+
+/// CPU seconds the whole machine has been busy (user, nice, system, irq, softirq from the
+/// first line of `/proc/stat`): every process, this benchmark's or not. `/proc/stat` is not
+/// per namespace, so this sees anything else the machine runs.
+pub fn machine_busy_seconds(ticks: f64) -> f64 {
+    let text = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return f64::NAN;
+    };
+    let fields: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum();
+    busy / ticks
 }
 
 /// Resident set size in KiB (`VmRSS`), summed over `pid` and its descendants.

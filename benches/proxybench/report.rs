@@ -347,6 +347,18 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
             )
         } else {
             String::new()
+        } + &if args.figures.iter().any(|f| f == "stream") {
+            format!(
+                " streaming: {} tunnels × {} frames/s, each primed with {} KiB, counted over \
+                 {:.1} s after {:.1} s;",
+                args.stream_tunnels,
+                crate::stream::FPS,
+                args.stream_prime_kib,
+                args.stream_duration,
+                args.stream_warmup
+            )
+        } else {
+            String::new()
         },
         ctx.elapsed.as_secs_f64()
     );
@@ -511,6 +523,11 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
     } else {
         Vec::new()
     };
+    let stream_rows = if args.figures.iter().any(|f| f == "stream") {
+        stream_section(&mut out, store, peers, args)
+    } else {
+        Vec::new()
+    };
 
     // Targets.
     let p = Kind::Portcullis;
@@ -659,8 +676,8 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
     }
     let _ = writeln!(
         out,
-        "Evidence that logging and metrics were on (counted over the set-up and bulk phases, \
-         before the idle-tunnel restarts): {}.\n",
+        "Evidence that logging and metrics were on (counted over the set-up, bulk and \
+         streaming phases, before the idle-tunnel restarts): {}.\n",
         evidence.join("; ")
     );
 
@@ -726,6 +743,9 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
     raw_table(&mut out, store, peers, &all_rows);
     if !status_rows.is_empty() {
         raw_table(&mut out, store, &[Kind::Portcullis], &status_rows);
+    }
+    if !stream_rows.is_empty() {
+        raw_table(&mut out, store, peers, &stream_rows);
     }
     out
 }
@@ -865,6 +885,159 @@ fn status_section(out: &mut String, store: &Store, levels: &[usize]) -> Vec<Row>
                     r.decimals,
                 )
             })
+        })
+        .collect()
+}
+
+/// The streaming section: every peer in columns, then its own targets. Returns the rows for
+/// the raw values.
+fn stream_section(out: &mut String, store: &Store, peers: &[Kind], args: &RunArgs) -> Vec<Row> {
+    use crate::stream::{FPS, FRAME, LATE};
+    let prime = args.stream_prime_kib;
+    let frames = args.stream_tunnels as f64 * f64::from(FPS) * args.stream_duration;
+    let _ = writeln!(
+        out,
+        "## Streaming frames\n\n\
+         The load an AppStream fleet really puts on its egress proxy: many long-lived tunnels, \
+         each carrying small frames at a steady rate. Every tunnel opens as in the set-up \
+         figure (CONNECT, 200, ClientHello echoed), then carries {prime} KiB each way so \
+         it is past any per-tunnel warm-up (portcullis moves a direction to `splice(2)` after \
+         256 KiB), then sends a {FRAME}-byte frame (a TLS application-data record carrying a \
+         sequence number and its send time) {FPS} times a second from a random phase, to the \
+         echo origin; the load generator times every frame's round trip. portcullis keeps its \
+         default `sni = \"enforce\"`: it checks the ClientHello and relays the bytes after it \
+         unread. Counted: frames sent inside the window and echoed back. RTT percentiles are \
+         over every counted frame of a run (about {frames:.0} per run here, so p99.9 is the \
+         {tail:.0}th slowest), then the median over runs; the RTT added is the peer's \
+         percentile minus direct's in the same run. Proxy CPU per frame is per round trip (two \
+         relayed frames, one each way): the run time of the proxy's threads from \
+         `/proc/<pid>/task/*/schedstat` over the window, the kernel part from `stat`'s \
+         user/system split; wake-ups are the times a proxy thread was put on a CPU, and the \
+         run-queue wait is how long its threads were runnable but waited for a core. \
+         A frame back after more than {late} ms (three frame times) is late; one not back 2 s \
+         after the window is lost.\n\n\
+         The load generator (one tokio runtime, 2 worker threads, one task per tunnel) and \
+         the origin share the cores with the proxy, so their CPU is shown, with the whole \
+         machine's busy cores from `/proc/stat` (every process on the machine, this \
+         benchmark's or not; tick-sampled, so what is left after the proxy, the load \
+         generator and the origin is good to about ±0.2 core: enough to see a neighbour's \
+         build). Direct is the floor this load generator can measure: its RTT must stay well \
+         below the proxies'. Its timer fires on whole milliseconds, so frames leave in small \
+         batches, and its send lateness includes up to 1 ms of rounding.\n",
+        tail = frames / 1000.0,
+        late = LATE.as_millis(),
+    );
+    let rows = vec![
+        row("tunnels streaming", "stream/tunnels", 0),
+        row(
+            format!("frames/s offered (tunnels × {FPS})"),
+            "stream/offered",
+            0,
+        ),
+        row("frames/s sent by the load generator", "stream/sent_rate", 0),
+        row("frames/s achieved (sent and echoed)", "stream/rate", 0),
+        row("RTT p50 (µs)", "stream/p50", 0),
+        row("RTT p99 (µs)", "stream/p99", 0),
+        row("RTT p99.9 (µs)", "stream/p999", 0),
+        row("RTT max (µs)", "stream/max", 0),
+        row("RTT added over direct, p50 (µs)", "stream/added_p50", 0),
+        row("RTT added over direct, p99 (µs)", "stream/added_p99", 0),
+        row("RTT added over direct, p99.9 (µs)", "stream/added_p999", 0),
+        row("proxy CPU per frame round trip (µs)", "stream/cpu", 2),
+        row("of which kernel (µs)", "stream/sys", 2),
+        row("proxy cores used", "stream/cores", 3),
+        row("proxy wake-ups per frame round trip", "stream/slices", 2),
+        row("proxy run-queue wait per frame (µs)", "stream/wait", 1),
+        row("load generator cores used", "stream/client_cores", 3),
+        row("load generator CPU per frame (µs)", "stream/client_us", 2),
+        row(
+            "load generator run-queue wait per frame (µs)",
+            "stream/client_wait",
+            1,
+        ),
+        row("origin cores used", "stream/origin_cores", 3),
+        row(
+            "machine busy cores (all processes)",
+            "stream/machine_cores",
+            2,
+        ),
+        row(
+            "of which not the proxy, load generator or origin (±0.2)",
+            "stream/other_cores",
+            2,
+        ),
+        row(
+            "load generator send lateness p99 (µs)",
+            "stream/send_late_p99",
+            0,
+        ),
+        Row {
+            sum: true,
+            ..row("frames lost (all runs)", "stream/lost", 0)
+        },
+        Row {
+            sum: true,
+            ..row(
+                format!("frames late, over {} ms (all runs)", LATE.as_millis()),
+                "stream/late",
+                0,
+            )
+        },
+        Row {
+            sum: true,
+            ..row(
+                "ticks the load generator skipped (all runs)",
+                "stream/skipped",
+                0,
+            )
+        },
+        Row {
+            sum: true,
+            ..row("broken tunnels (all runs)", "stream/broken", 0)
+        },
+    ];
+    table(out, store, peers, &rows);
+
+    let m = |key: &str, peer: Kind| store.median(key, peer.name());
+    let (p, squid) = (Kind::Portcullis, Kind::Squid);
+    let versus = |key: &str, decimals: usize| {
+        format!(
+            "{} vs {} µs: {}",
+            fmt(m(key, p), decimals),
+            fmt(m(key, squid), decimals),
+            ratio(m(key, p), m(key, squid))
+        )
+    };
+    let targets = [
+        Target {
+            what: "RTT added over direct, p99 ≤ 0.5× Squid's".into(),
+            value: versus("stream/added_p99", 0),
+            met: check(
+                m("stream/added_p99", p) / m("stream/added_p99", squid),
+                |v| v <= 0.5,
+            ),
+        },
+        Target {
+            what: "RTT p99.9 below Squid's".into(),
+            value: versus("stream/p999", 0),
+            met: check(m("stream/p999", p), |v| v < m("stream/p999", squid)),
+        },
+        Target {
+            what: "proxy CPU per frame ≤ 0.4× Squid's".into(),
+            value: versus("stream/cpu", 2),
+            met: check(m("stream/cpu", p) / m("stream/cpu", squid), |v| v <= 0.4),
+        },
+    ];
+    out.push_str("Streaming targets (portcullis, access log and metrics on, same run):\n\n");
+    out.push_str("| target | measured | verdict |\n|---|---:|---|\n");
+    for t in &targets {
+        let _ = writeln!(out, "| {} | {} | {} |", t.what, t.value, verdict(t.met));
+    }
+    out.push('\n');
+    rows.into_iter()
+        .map(|r| Row {
+            label: format!("stream: {}", r.label),
+            ..r
         })
         .collect()
 }
