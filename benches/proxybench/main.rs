@@ -444,7 +444,7 @@ async fn stream_figure(
                     "[{tag}] stream {name:<16} {} tunnels  {:>6.0}/{:.0} frames/s  RTT p50 {:>6.0} \
                      p99 {:>6.0} p99.9 {:>6.0} max {:>6.0} µs  cpu {:>5.1} µs/frame (sys {:>5.1}, stat {:>5.1}, \
                      {:.2} slices, wait {:.1} µs)  {:.2} cores  client {:.2} cores (wait {:.1} µs/frame)  origin {:.2}  \
-                     machine {:.2} (other {:.2})  send late p99 {:.0} µs  lost {} late {} skipped {} broken {}{}",
+                     machine {:.2} (stolen {:.2}, other {:.2})  send late p99 {:.0} µs  lost {} late {} skipped {} broken {}{}",
                     s.tunnels,
                     s.rate,
                     s.offered,
@@ -462,6 +462,7 @@ async fn stream_figure(
                     s.client_wait_us,
                     s.origin_cores,
                     s.machine_cores,
+                    s.steal_cores,
                     s.other_cores,
                     s.send_lateness_p99_us,
                     s.lost,
@@ -525,6 +526,7 @@ fn store_stream(
     add("client_wait", s.client_wait_us);
     add("origin_cores", s.origin_cores);
     add("machine_cores", s.machine_cores);
+    add("steal_cores", s.steal_cores);
     add("other_cores", s.other_cores);
     add("send_late_p99", s.send_lateness_p99_us);
     add("lost", s.lost as f64);

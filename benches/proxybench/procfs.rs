@@ -151,11 +151,12 @@ pub fn sched_own(pid: u32) -> Sched {
 
 /// CPU seconds the whole machine has been busy (user, nice, system, irq, softirq from the
 /// first line of `/proc/stat`): every process, this benchmark's or not. `/proc/stat` is not
-/// per namespace, so this sees anything else the machine runs.
-pub fn machine_busy_seconds(ticks: f64) -> f64 {
+/// per namespace, so this sees anything else the machine runs. Then the seconds stolen: a
+/// virtual CPU wanted to run and the host ran something else.
+pub fn machine_seconds(ticks: f64) -> (f64, f64) {
     let text = fs::read_to_string("/proc/stat").unwrap_or_default();
     let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
-        return f64::NAN;
+        return (f64::NAN, f64::NAN);
     };
     let fields: Vec<f64> = line
         .split_whitespace()
@@ -164,7 +165,8 @@ pub fn machine_busy_seconds(ticks: f64) -> f64 {
         .collect();
     // user nice system idle iowait irq softirq steal ...
     let busy: f64 = [0, 1, 2, 5, 6].iter().filter_map(|&i| fields.get(i)).sum();
-    busy / ticks
+    let steal = fields.get(7).copied().unwrap_or(0.0);
+    (busy / ticks, steal / ticks)
 }
 
 /// Resident set size in KiB (`VmRSS`), summed over `pid` and its descendants.

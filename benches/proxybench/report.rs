@@ -921,9 +921,14 @@ fn stream_section(out: &mut String, store: &Store, peers: &[Kind], args: &RunArg
          machine's busy cores from `/proc/stat` (every process on the machine, this \
          benchmark's or not; tick-sampled, so what is left after the proxy, the load \
          generator and the origin is good to about ±0.2 core: enough to see a neighbour's \
-         build). Direct is the floor this load generator can measure: its RTT must stay well \
-         below the proxies'. Its timer fires on whole milliseconds, so frames leave in small \
-         batches, and its send lateness includes up to 1 ms of rounding.\n",
+         build) and the time the host stole from this machine's virtual CPUs. Direct is the \
+         floor this load generator can measure: its RTT must stay well below the proxies'. \
+         At p50 it does; the tail (p99, p99.9) of every peer, direct included, also carries \
+         stalls of milliseconds from scheduling on 2 shared virtual cores (a woken thread \
+         waiting for a core, a virtual CPU descheduled by the host), which vary from run to \
+         run, so tail differences between peers smaller than direct's own tail are not \
+         resolved. The load generator's timer fires on whole milliseconds, so frames leave \
+         in small batches, and its send lateness includes up to 1 ms of rounding.\n",
         tail = frames / 1000.0,
         late = LATE.as_millis(),
     );
@@ -962,7 +967,12 @@ fn stream_section(out: &mut String, store: &Store, peers: &[Kind], args: &RunArg
             2,
         ),
         row(
-            "of which not the proxy, load generator or origin (±0.2)",
+            "cores stolen by the host (virtual machine)",
+            "stream/steal_cores",
+            3,
+        ),
+        row(
+            "busy or stolen, not the proxy, load generator or origin (±0.2)",
             "stream/other_cores",
             2,
         ),

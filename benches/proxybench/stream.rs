@@ -108,8 +108,11 @@ pub struct Stream {
     pub origin_cores: f64,
     /// The whole machine's busy cores over the window (everything running, ours or not).
     pub machine_cores: f64,
-    /// What of `machine_cores` is neither the proxy, the load generator nor the origin: the
-    /// idle peers, dnsmasq, the kernel's own threads, and anything else on the machine.
+    /// Cores' worth of time the host took from this virtual machine while it wanted to run.
+    pub steal_cores: f64,
+    /// What of `machine_cores` (and the time stolen from it) is neither the proxy, the load
+    /// generator nor the origin: the idle peers, dnsmasq, the kernel's own threads, and
+    /// anything else on the machine.
     pub other_cores: f64,
 }
 
@@ -129,6 +132,7 @@ struct Snapshot {
     client: Sched,
     origin: Sched,
     machine: f64,
+    steal: f64,
 }
 
 impl Meters {
@@ -136,13 +140,15 @@ impl Meters {
         let (proxy_user, proxy_system) = self
             .proxy
             .map_or((0.0, 0.0), |pid| procfs::cpu_split(pid, self.ticks));
+        let (machine, steal) = procfs::machine_seconds(self.ticks);
         let snapshot = Snapshot {
             proxy: self.proxy.map(procfs::sched_tree).unwrap_or_default(),
             proxy_user,
             proxy_system,
             client: procfs::sched_own(std::process::id()),
             origin: procfs::sched_tree(self.origin),
-            machine: procfs::machine_busy_seconds(self.ticks),
+            machine,
+            steal,
         };
         (snapshot, std::time::Instant::now())
     }
@@ -439,8 +445,10 @@ fn summarize(
     s.client_wait_us = per_frame(client.wait_ns as f64 / 1e9);
     s.origin_cores = run(origin) / wall;
     s.machine_cores = (after.machine - before.machine) / wall;
+    s.steal_cores = (after.steal - before.steal) / wall;
     let proxy_cores = if proxied { s.cores } else { 0.0 };
-    s.other_cores = s.machine_cores - proxy_cores - s.client_cores - s.origin_cores;
+    // schedstat counts a thread's stolen time as running; /proc/stat counts it as stolen.
+    s.other_cores = s.machine_cores + s.steal_cores - proxy_cores - s.client_cores - s.origin_cores;
     s
 }
 
