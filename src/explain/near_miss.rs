@@ -55,6 +55,16 @@ struct Rank {
     distance: usize,
 }
 
+impl Rank {
+    /// The host's tail is the pattern's suffix in spelling, but not at a label boundary
+    /// (it goes on past it, or the suffix starts mid-label): as near as a miss gets.
+    const ENDS_IN_SUFFIX: Rank = Rank {
+        shape: 1,
+        unfit: 0,
+        distance: 0,
+    };
+}
+
 /// A pattern split the way the matcher reads it.
 struct Pattern<'a> {
     text: &'a str,
@@ -141,11 +151,7 @@ fn judge(pattern: &str, host: &str, host_labels: &[&str]) -> (Rank, String) {
     let suffix = p.suffix();
     let suffix_labels = &p.labels[p.labels.len() - p.suffix_len..];
     if let Some(after) = continues_past(host_labels, suffix_labels) {
-        let rank = Rank {
-            shape: 1,
-            unfit: 0,
-            distance: 0,
-        };
+        let rank = Rank::ENDS_IN_SUFFIX;
         return (
             rank,
             format!(
@@ -157,11 +163,7 @@ fn judge(pattern: &str, host: &str, host_labels: &[&str]) -> (Rank, String) {
     let tail_len = p.suffix_len.min(host_labels.len());
     let tail = host_labels[host_labels.len() - tail_len..].join(".");
     if host.ends_with(&suffix) && host.len() > suffix.len() {
-        let rank = Rank {
-            shape: 1,
-            unfit: 0,
-            distance: 0,
-        };
+        let rank = Rank::ENDS_IN_SUFFIX;
         return (
             rank,
             format!(
