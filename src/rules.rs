@@ -143,6 +143,17 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// The ports as the config spells them: `"443"`, `"1400-1499"`.
+    pub fn port_specs(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|range| match (range.start(), range.end()) {
+                (start, end) if start == end => start.to_string(),
+                (start, end) => format!("{start}-{end}"),
+            })
+            .collect()
+    }
+
     pub fn allows_port(&self, port: u16) -> bool {
         self.ports.iter().any(|range| range.contains(&port))
     }

@@ -183,7 +183,7 @@ pub fn report(shared: &Shared, filter: &str) -> Report {
                 RuleState {
                     name: rule.name.clone(),
                     domains: rule.domains.clone(),
-                    ports: rule.ports.iter().map(|p| port_range(p.clone())).collect(),
+                    ports: rule.port_specs(),
                     sni: rule.sni.as_str(),
                     private_endpoint: rule.private_endpoint,
                     allowed,
@@ -319,14 +319,6 @@ fn refusals(shared: &Shared, filter: &str) -> Vec<Refusal> {
                     .any(|field| field.to_ascii_lowercase().contains(&filter))
         })
         .collect()
-}
-
-fn port_range(range: std::ops::RangeInclusive<u16>) -> String {
-    if range.start() == range.end() {
-        range.start().to_string()
-    } else {
-        format!("{}-{}", range.start(), range.end())
-    }
 }
 
 fn unix_now() -> u64 {

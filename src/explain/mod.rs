@@ -714,17 +714,7 @@ fn rule_hit(rules: &RuleSet, rule: &Rule, host: &str, port: u16) -> String {
 }
 
 fn ports(rule: &Rule) -> String {
-    rule.ports
-        .iter()
-        .map(|range| {
-            if range.start() == range.end() {
-                range.start().to_string()
-            } else {
-                format!("{}-{}", range.start(), range.end())
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    rule.port_specs().join(", ")
 }
 
 fn sni_detail(mode: SniMode, host: &str) -> String {
