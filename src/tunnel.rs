@@ -7,11 +7,18 @@
 //! either direction ends the whole tunnel, since a reset peer will not read again.
 //!
 //! Counters move per read, so an hour-long streaming session shows its traffic as it happens.
+//!
+//! A plain-TCP relay can also be *parked* for an in-place upgrade (see
+//! [`upgrade`](crate::upgrade)): each direction keeps its progress in a [`Flow`] that lives
+//! outside its future (bytes read but not yet written, the splice pipe and what it holds,
+//! whether the sender has finished), and every await leaves that state whole. So stopping a
+//! relay is just dropping its futures, and a new process given the sockets and the flows goes
+//! on exactly where this one stopped: no byte lost, repeated or reordered.
 
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -138,22 +145,130 @@ pub async fn relay(
     counters: Counters<'_>,
     abort: &CancellationToken,
 ) -> Totals {
-    let meter = Meter::new(counters);
-    let up = async {
-        let FromClient { early, tap } = from_client;
-        // Moved in and dropped once sent: the buffer behind the early bytes (the ClientHello
-        // read for the SNI check) must not stay allocated for the life of an idle tunnel.
-        let tap = {
-            let early = early;
-            let tap = show(tap, &early);
-            write_all(&upstream, &early).await?;
-            meter.upstream().moved(early.len());
-            tap
-        };
-        forward(mode, &client, &upstream, meter.upstream(), tap).await
+    let never = CancellationToken::new();
+    let stops = Stops {
+        abort,
+        park: &never,
     };
-    let down = forward(mode, &upstream, &client, meter.downstream(), None);
-    meter.run(up, down, idle_timeout, abort).await
+    let flows = Flows::opening(from_client.early);
+    let tunnel = Plain {
+        client,
+        origin: upstream,
+        flows,
+        idle_for: Duration::ZERO,
+    };
+    match relay_plain(mode, tunnel, from_client.tap, idle_timeout, counters, stops).await {
+        Relayed::Ended(totals) => totals,
+        Relayed::Parked(_) => unreachable!("a token nobody holds never fires"),
+    }
+}
+
+/// What ends or pauses a relay from outside.
+#[derive(Clone, Copy)]
+pub struct Stops<'a> {
+    /// The drain timeout ran out: close.
+    pub abort: &'a CancellationToken,
+    /// An upgrade is handing tunnels to a new process: pause and give the tunnel back.
+    pub park: &'a CancellationToken,
+}
+
+/// A plain-TCP tunnel: its two sockets and where each direction stands. Parked, it is
+/// everything another process needs to go on.
+pub struct Plain {
+    pub client: TcpStream,
+    pub origin: TcpStream,
+    pub flows: Flows,
+    /// How long the tunnel had been idle when it (re)started here, so the idle deadline
+    /// carries over a handover.
+    pub idle_for: Duration,
+}
+
+/// How a parkable relay finished.
+pub enum Relayed {
+    Ended(Totals),
+    /// Paused for a handover; nothing was lost (see [`Flow`]).
+    Parked(Box<Plain>),
+}
+
+/// Both directions' progress.
+#[derive(Debug, Default)]
+pub struct Flows {
+    /// Client to origin.
+    pub up: Flow,
+    /// Origin to client.
+    pub down: Flow,
+}
+
+impl Flows {
+    /// A tunnel about to start: the client's early bytes go to the origin first.
+    pub fn opening(early: Bytes) -> Flows {
+        Flows {
+            up: Flow {
+                pending: early.to_vec(),
+                ..Flow::default()
+            },
+            down: Flow::default(),
+        }
+    }
+}
+
+/// One direction's progress, kept outside the future that moves it, so that dropping the
+/// future at any await leaves nothing behind: bytes read but not yet written stay in
+/// `pending`, bytes spliced into the pipe stay counted in `in_pipe`.
+#[derive(Debug, Default)]
+pub struct Flow {
+    /// Read from the sender, not yet (all) written to the receiver.
+    pub pending: Vec<u8>,
+    /// Copied through user space so far, towards the switch to splicing.
+    pub copied: u64,
+    /// The sender finished and the receiver's write half was shut down.
+    pub finished: bool,
+    /// The splice pipe, once this direction went bulk, with the bytes it holds.
+    pub pipe: Option<PipeState>,
+    /// Splicing was wanted but no pipe could be had; copied instead.
+    pub pipe_fallback: bool,
+}
+
+/// A direction's splice pipe: its two ends and how many bytes sit in it.
+#[derive(Debug)]
+pub struct PipeState {
+    pub read_end: std::os::fd::OwnedFd,
+    pub write_end: std::os::fd::OwnedFd,
+    pub in_pipe: usize,
+}
+
+/// Relays a plain-TCP tunnel until it ends, or until `stops.park` fires; then the sockets
+/// and both flows come back for a new process to continue.
+pub async fn relay_plain(
+    mode: Mode,
+    tunnel: Plain,
+    tap: Option<Tap<'_>>,
+    idle_timeout: Duration,
+    counters: Counters<'_>,
+    stops: Stops<'_>,
+) -> Relayed {
+    let Plain {
+        client,
+        origin,
+        mut flows,
+        idle_for,
+    } = tunnel;
+    let meter = Meter::resumed(counters, idle_for);
+    let (up_flow, down_flow) = (&mut flows.up, &mut flows.down);
+    let up = forward(mode, &client, &origin, meter.upstream(), tap, up_flow);
+    let down = forward(mode, &origin, &client, meter.downstream(), None, down_flow);
+    let run = meter.run(up, down, idle_timeout, stops);
+    let end = run.await;
+    let pipe_fallback = flows.up.pipe_fallback || flows.down.pipe_fallback;
+    match end {
+        Some(end) => Relayed::Ended(meter.totals(end, pipe_fallback)),
+        None => Relayed::Parked(Box::new(Plain {
+            client,
+            origin,
+            flows,
+            idle_for: meter.activity.idle_for(),
+        })),
+    }
 }
 
 /// Relays for a client connection of either kind: plain TCP takes the fastest [`Mode`]; TLS
@@ -186,8 +301,9 @@ pub async fn relay_client(
     }
 }
 
-/// The general relay: any client stream, a TCP origin.
-async fn relay_streams<C>(
+/// The general relay: any client stream, a TCP origin. Never parked: a TLS session's state
+/// cannot move to another process.
+pub async fn relay_streams<C>(
     client: C,
     from_client: FromClient<'_>,
     mut upstream: TcpStream,
@@ -218,14 +334,19 @@ where
         meter.downstream(),
         None,
     );
-    meter.run(up, down, idle_timeout, abort).await
+    let never = CancellationToken::new();
+    let stops = Stops {
+        abort,
+        park: &never,
+    };
+    let end = meter.run(up, down, idle_timeout, stops).await;
+    meter.totals(end.unwrap_or(End::Shutdown), false)
 }
 
 /// One tunnel's bookkeeping: bytes each way (live counters and totals) and the last activity.
 struct Meter<'a> {
     counters: Counters<'a>,
     activity: Activity,
-    pipe_fallback: AtomicBool,
 }
 
 impl<'a> Meter<'a> {
@@ -233,7 +354,14 @@ impl<'a> Meter<'a> {
         Meter {
             counters,
             activity: Activity::new(),
-            pipe_fallback: AtomicBool::new(false),
+        }
+    }
+
+    /// A tunnel that had already been idle for `idle_for` when it came here.
+    fn resumed(counters: Counters<'a>, idle_for: Duration) -> Meter<'a> {
+        Meter {
+            counters,
+            activity: Activity::idle_since(idle_for),
         }
     }
 
@@ -242,7 +370,6 @@ impl<'a> Meter<'a> {
             counter: self.counters.upstream,
             total: &self.counters.totals.upstream,
             activity: &self.activity,
-            pipe_fallback: &self.pipe_fallback,
         }
     }
 
@@ -251,31 +378,36 @@ impl<'a> Meter<'a> {
             counter: self.counters.downstream,
             total: &self.counters.totals.downstream,
             activity: &self.activity,
-            pipe_fallback: &self.pipe_fallback,
         }
     }
 
-    /// Drives both directions to the end, or until the tunnel idles out or is aborted.
+    /// Drives both directions to the end, or until the tunnel idles out or is stopped;
+    /// `None` when it was parked.
     async fn run(
         &self,
         up: impl Future<Output = io::Result<()>>,
         down: impl Future<Output = io::Result<()>>,
         idle_timeout: Duration,
-        abort: &CancellationToken,
-    ) -> Totals {
+        stops: Stops<'_>,
+    ) -> Option<End> {
         let end = tokio::select! {
             result = futures_util::future::try_join(up, down) => match result {
                 Ok(_) => End::Closed,
                 Err(_) => End::Error,
             },
             () = self.activity.idle(idle_timeout) => End::Idle,
-            () = abort.cancelled() => End::Shutdown,
+            () = stops.abort.cancelled() => End::Shutdown,
+            () = stops.park.cancelled() => return None,
         };
+        Some(end)
+    }
+
+    fn totals(&self, end: End, pipe_fallback: bool) -> Totals {
         Totals {
             upstream: self.counters.totals.upstream.load(Ordering::Relaxed),
             downstream: self.counters.totals.downstream.load(Ordering::Relaxed),
             end,
-            pipe_fallback: self.pipe_fallback.load(Ordering::Relaxed),
+            pipe_fallback,
         }
     }
 }
@@ -309,7 +441,6 @@ struct Direction<'a> {
     counter: &'a IntCounter,
     total: &'a AtomicU64,
     activity: &'a Activity,
-    pipe_fallback: &'a AtomicBool,
 }
 
 impl Direction<'_> {
@@ -320,33 +451,49 @@ impl Direction<'_> {
     }
 }
 
-/// Copies one direction until EOF, then passes the half-close on.
+/// Moves one direction until EOF, then passes the half-close on. Every await leaves `flow`
+/// whole (see [`Flow`]), so this future may be dropped at any of them.
 async fn forward(
     mode: Mode,
     from: &TcpStream,
     to: &TcpStream,
     direction: Direction<'_>,
     mut tap: Option<Tap<'_>>,
+    flow: &mut Flow,
 ) -> io::Result<()> {
+    if flow.finished {
+        return Ok(());
+    }
+    if !flow.pending.is_empty() {
+        tap = show(tap, &flow.pending);
+        if flow.copied == 0 && flow.pipe.is_none() {
+            // The client's early bytes, on a tunnel's first start: counted as they go.
+            direction.moved(flow.pending.len());
+            flow.copied = flow.pending.len() as u64;
+        }
+        write_pending(to, flow).await?;
+    }
     match mode {
         // Handshakes and interactive traffic are small: a pipe (two more descriptors and
         // syscalls to make and close) pays off only once a direction carries bulk data.
         // A tap has always seen enough by then (a ClientHello is far below the switch).
         #[cfg(target_os = "linux")]
-        Mode::Splice => {
-            if copy_forward(from, to, &direction, SPLICE_AFTER, &mut tap).await? == Copied::Bulk
-                && !splice::forward(from, to, &direction).await?
-            {
-                direction.pipe_fallback.store(true, Ordering::Relaxed);
-                copy_forward(from, to, &direction, u64::MAX, &mut None).await?;
+        Mode::Splice if !flow.pipe_fallback => {
+            let bulk = flow.pipe.is_some()
+                || copy_forward(from, to, &direction, SPLICE_AFTER, &mut tap, flow).await?
+                    == Copied::Bulk;
+            if bulk && !splice::forward(from, to, &direction, flow).await? {
+                flow.pipe_fallback = true;
+                copy_forward(from, to, &direction, u64::MAX, &mut None, flow).await?;
             }
         }
         _ => {
-            copy_forward(from, to, &direction, u64::MAX, &mut tap).await?;
+            copy_forward(from, to, &direction, u64::MAX, &mut tap, flow).await?;
         }
     }
     // The peer may already be gone; the other direction decides how the tunnel ends.
     let _ = rustix::net::shutdown(to, rustix::net::Shutdown::Write);
+    flow.finished = true;
     Ok(())
 }
 
@@ -360,7 +507,7 @@ enum Copied {
 }
 
 /// The portable path, and the start of every tunnel on the splice path. Stops early once
-/// `budget` bytes have gone through.
+/// `flow.copied` reaches `budget`.
 ///
 /// Bytes are read into this thread's scratch buffer and written on at once; only what the
 /// receiver cannot take right away is copied into memory the tunnel owns until it is sent. So
@@ -371,9 +518,12 @@ async fn copy_forward(
     direction: &Direction<'_>,
     budget: u64,
     tap: &mut Option<Tap<'_>>,
+    flow: &mut Flow,
 ) -> io::Result<Copied> {
-    let mut moved = 0u64;
     loop {
+        if flow.copied >= budget {
+            return Ok(Copied::Bulk);
+        }
         let mut step = Step::Nothing;
         let read = from.try_io(Interest::READABLE, || {
             let drained;
@@ -392,24 +542,37 @@ async fn copy_forward(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(e),
         }
-        let n = match step {
-            Step::Nothing => {
-                from.readable().await?;
-                continue;
-            }
+        match step {
+            Step::Nothing => from.readable().await?,
             Step::Eof => return Ok(Copied::Eof),
-            Step::Sent(n) => n,
-            Step::Partly { rest, read } => {
-                write_all(to, &rest).await?;
-                read
+            Step::Sent(n) => {
+                direction.moved(n);
+                flow.copied += n as u64;
             }
-        };
-        direction.moved(n);
-        moved += n as u64;
-        if moved >= budget {
-            return Ok(Copied::Bulk);
+            Step::Partly { rest, read } => {
+                direction.moved(read);
+                flow.copied += read as u64;
+                flow.pending = rest;
+                write_pending(to, flow).await?;
+            }
         }
     }
+}
+
+/// Writes `flow.pending` out. Cancel-safe: what is written leaves `pending` at once.
+async fn write_pending(to: &TcpStream, flow: &mut Flow) -> io::Result<()> {
+    while !flow.pending.is_empty() {
+        to.writable().await?;
+        match to.try_write(&flow.pending) {
+            Ok(n) => {
+                flow.pending.drain(..n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    flow.pending = Vec::new();
+    Ok(())
 }
 
 /// What one read-and-send did.
@@ -466,23 +629,10 @@ fn read_and_send(
     })
 }
 
-async fn write_all(to: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        to.writable().await?;
-        match to.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
-}
-
 /// The Linux fast path: socket → pipe → socket with `splice(2)`, no copy through user space.
 #[cfg(target_os = "linux")]
 mod splice {
     use std::io;
-    use std::os::fd::OwnedFd;
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -492,7 +642,7 @@ mod splice {
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
-    use super::Direction;
+    use super::{Direction, Flow, PipeState};
 
     /// A pipe smaller than this (the kernel's default) is not worth splicing through: past
     /// the per-user pipe budget the kernel hands out two-page pipes, and copying beats those.
@@ -523,29 +673,33 @@ mod splice {
         })
     }
 
-    /// One direction's pipe. It starts at the kernel's default size and grows while the
-    /// transfer keeps filling it, so a video stream keeps a small pipe and a download gets a
-    /// large one.
-    struct Pipe {
-        read_end: OwnedFd,
-        write_end: OwnedFd,
+    /// One direction's pipe, borrowed from its [`Flow`] while splicing. It starts at the
+    /// kernel's default size and grows while the transfer keeps filling it, so a video stream
+    /// keeps a small pipe and a download gets a large one.
+    struct Pipe<'a> {
+        state: &'a mut PipeState,
         capacity: usize,
     }
 
-    impl Pipe {
-        /// `None` when the kernel only gives a pipe too small to be worth it.
-        fn new() -> io::Result<Option<Pipe>> {
-            let (read_end, write_end) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
-            let capacity = fcntl_getpipe_size(&write_end)?;
-            if capacity < MIN_PIPE {
-                return Ok(None);
+    impl<'a> Pipe<'a> {
+        /// Takes `flow`'s pipe, making one if it has none yet; `None` when the kernel only
+        /// gives a pipe too small to be worth it.
+        fn of(flow: &'a mut Flow) -> io::Result<Option<Pipe<'a>>> {
+            if flow.pipe.is_none() {
+                let (read_end, write_end) = pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK)?;
+                if fcntl_getpipe_size(&write_end)? < MIN_PIPE {
+                    return Ok(None);
+                }
+                flow.pipe = Some(PipeState {
+                    read_end,
+                    write_end,
+                    in_pipe: 0,
+                });
             }
+            let state = flow.pipe.as_mut().expect("set above");
+            let capacity = fcntl_getpipe_size(&state.write_end)?;
             HELD.fetch_add(capacity, Ordering::Relaxed);
-            Ok(Some(Pipe {
-                read_end,
-                write_end,
-                capacity,
-            }))
+            Ok(Some(Pipe { state, capacity }))
         }
 
         /// Quadruples the pipe, within [`MAX_PIPE`] and the growth budget. The kernel may
@@ -556,41 +710,58 @@ mod splice {
             if more == 0 || HELD.load(Ordering::Relaxed) + more > growth_budget() {
                 return;
             }
-            if let Ok(capacity) = fcntl_setpipe_size(&self.write_end, want) {
+            if let Ok(capacity) = fcntl_setpipe_size(&self.state.write_end, want) {
                 HELD.fetch_add(capacity.saturating_sub(self.capacity), Ordering::Relaxed);
                 self.capacity = self.capacity.max(capacity);
             }
         }
     }
 
-    impl Drop for Pipe {
+    /// The capacity is counted while a relay holds the pipe; a parked pipe travels with its
+    /// flow and is counted again wherever it is taken up.
+    impl Drop for Pipe<'_> {
         fn drop(&mut self) {
             HELD.fetch_sub(self.capacity, Ordering::Relaxed);
         }
     }
 
     /// Splices until EOF. `Ok(false)`: no pipe worth using could be had; nothing was moved
-    /// and the caller copies instead.
+    /// and the caller copies instead. Bytes in the pipe are counted in the flow, so a pause
+    /// at any await leaves them there for whoever goes on.
     pub(super) async fn forward(
         from: &TcpStream,
         to: &TcpStream,
         direction: &Direction<'_>,
+        flow: &mut Flow,
     ) -> io::Result<bool> {
-        let Some(mut pipe) = Pipe::new()? else {
+        let Some(mut pipe) = Pipe::of(flow)? else {
             return Ok(false);
         };
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
         loop {
+            while pipe.state.in_pipe > 0 {
+                to.writable().await?;
+                let state = &mut *pipe.state;
+                match to.try_io(Interest::WRITABLE, || {
+                    Ok(splice(
+                        &state.read_end,
+                        None,
+                        to,
+                        None,
+                        state.in_pipe,
+                        flags,
+                    )?)
+                }) {
+                    Ok(m) => state.in_pipe -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
             from.readable().await?;
+            let capacity = pipe.capacity;
+            let write_end = &pipe.state.write_end;
             let filled = from.try_io(Interest::READABLE, || {
-                Ok(splice(
-                    from,
-                    None,
-                    &pipe.write_end,
-                    None,
-                    pipe.capacity,
-                    flags,
-                )?)
+                Ok(splice(from, None, write_end, None, capacity, flags)?)
             });
             let n = match filled {
                 Ok(0) => return Ok(true),
@@ -598,17 +769,7 @@ mod splice {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             };
-            let mut left = n;
-            while left > 0 {
-                to.writable().await?;
-                match to.try_io(Interest::WRITABLE, || {
-                    Ok(splice(&pipe.read_end, None, to, None, left, flags)?)
-                }) {
-                    Ok(m) => left -= m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-            }
+            pipe.state.in_pipe = n;
             direction.moved(n);
             if n == pipe.capacity {
                 pipe.grow();
@@ -630,6 +791,20 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
         }
+    }
+
+    /// As if the last byte had moved `idle_for` ago.
+    fn idle_since(idle_for: Duration) -> Activity {
+        let now = Instant::now();
+        Activity {
+            start: now.checked_sub(idle_for).unwrap_or(now),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        Instant::now().saturating_duration_since(last)
     }
 
     fn touch(&self) {
