@@ -77,6 +77,9 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     /// How long open tunnels get to finish after SIGTERM.
     pub drain_timeout: Duration,
+    /// How long a new process started by SIGUSR2 has to report ready before the upgrade is
+    /// called off.
+    pub upgrade_timeout: Duration,
     /// Reload when the config file changes (a Kubernetes ConfigMap update), as on SIGHUP.
     pub watch_config: bool,
     /// Event-loop threads; 0 means one per CPU core the process may use. Read at start only.
@@ -299,6 +302,7 @@ struct RawProxy {
     connect_timeout: Option<Spanned<String>>,
     idle_timeout: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
+    upgrade_timeout: Option<Spanned<String>>,
     watch_config: Option<bool>,
     workers: Option<Spanned<i64>>,
     tcp_keepalive: Option<Spanned<String>>,
@@ -539,6 +543,7 @@ impl RawProxy {
             connect_timeout: duration(&self.connect_timeout, 10)?,
             idle_timeout: duration(&self.idle_timeout, 30 * 60)?,
             drain_timeout: duration(&self.drain_timeout, 30)?,
+            upgrade_timeout: duration(&self.upgrade_timeout, 30)?,
             listen,
             tls,
             max_connections: max_connections?,

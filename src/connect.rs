@@ -38,7 +38,7 @@ use crate::rules::{self, Host, Rule, Verdict};
 use crate::sni::{self, Hello, SniMode};
 use crate::state::{ClientSlot, Runtime, Shared};
 use crate::telemetry::OpenTunnel;
-use crate::tunnel::{self, Counters, FromClient};
+use crate::tunnel_task::{self, ActiveTunnel, Live};
 
 /// Who is on the other end of a client connection.
 #[derive(Debug, Clone)]
@@ -471,9 +471,11 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
         permit,
     } = tunnel;
     let active = ActiveTunnel::new(handles);
+    // Taken now, while the connection's own task still counts: an upgrade waits for this
+    // tunnel from the moment it exists.
+    let moving = shared.upgrade.movable.token();
     let tasks = shared.tasks.clone();
     tasks.spawn(async move {
-        let _permit = permit;
         let Admitted {
             upstream,
             slot,
@@ -490,15 +492,10 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
         let Some((mut client, early)) = take_client(upgrade).await else {
             return;
         };
-        let handles = &active.0;
         let early = if sni == SniMode::Enforce {
             let checked = enforce_sni(&mut client, early, timeouts.hello, &mut entry).await;
-            record(
-                &shared,
-                &handles.label,
-                &entry,
-                checked.as_ref().err().copied(),
-            );
+            let reason = checked.as_ref().err().copied();
+            record(&shared, &active.0.label, &entry, reason);
             match checked {
                 Ok(early) => early,
                 Err(_) => return,
@@ -506,39 +503,15 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
         } else {
             early
         };
-        let counters = Counters {
-            upstream: &handles.bytes_upstream,
-            downstream: &handles.bytes_downstream,
-            totals: &open.tunnel.bytes,
+        let live = Live {
+            active,
+            open,
+            slot: Some(slot),
+            permit,
+            started,
+            idle: timeouts.idle,
         };
-        let mut watch = sni::Watch::default();
-        let mut watching = |bytes: &[u8]| match watch.observe(bytes) {
-            None => true,
-            Some(hello) => {
-                let _ = judge_sni(hello, SniMode::Log, &mut entry);
-                false
-            }
-        };
-        let from_client = FromClient {
-            early,
-            tap: (sni == SniMode::Log).then_some(&mut watching as tunnel::Tap<'_>),
-        };
-        let totals = tunnel::relay_client(
-            client,
-            from_client,
-            upstream,
-            timeouts.idle,
-            counters,
-            &shared.abort,
-        )
-        .await;
-        drop(slot);
-        if totals.pipe_fallback {
-            shared.metrics.pipe_fallback();
-        }
-        let duration = started.elapsed();
-        handles.tunnel_duration.observe(duration.as_secs_f64());
-        entry.closed(&totals, duration);
+        tunnel_task::run(shared, live, entry, client, upstream, early, sni, moving).await;
     });
 }
 
@@ -561,7 +534,7 @@ async fn enforce_sni(
 
 /// Compares the ClientHello's server name with the CONNECT host, noting the name in `entry`
 /// and logging a tunnel that does not carry TLS for its host.
-fn judge_sni(
+pub(crate) fn judge_sni(
     hello: Result<Hello, sni::ReadError>,
     mode: SniMode,
     entry: &mut Entry,
@@ -609,22 +582,6 @@ async fn take_client(upgrade: hyper::upgrade::OnUpgrade) -> Option<(ClientStream
     let mut early = bytes::BytesMut::from(&parts.read_buf[..]);
     early.extend_from_slice(&unread);
     Some((stream, early.freeze()))
-}
-
-/// Holds `tunnels_active` up for exactly as long as the tunnel task lives, however it ends.
-struct ActiveTunnel(Arc<DomainMetrics>);
-
-impl ActiveTunnel {
-    fn new(handles: Arc<DomainMetrics>) -> ActiveTunnel {
-        handles.tunnels_active.inc();
-        ActiveTunnel(handles)
-    }
-}
-
-impl Drop for ActiveTunnel {
-    fn drop(&mut self) {
-        self.0.tunnels_active.dec();
-    }
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! - [`server`]: the accept loop, connection limit, client ACL, request head.
 //! - [`connect`]: one CONNECT request, from authority to 200.
 //! - [`tunnel`]: relaying bytes both ways.
+//! - [`tunnel_task`]: an open tunnel's task: relay, park for an upgrade, close and log.
 //! - [`sni`]: the ClientHello parser and the SNI-matches-CONNECT check.
 //! - [`metrics`]: the Prometheus registry and per-domain handles.
 //! - [`explain`]: would a CONNECT pass, and why (`portcullis explain`, `/explain`).
@@ -27,6 +28,7 @@
 //! - [`workers`]: one single-threaded event loop per core, each accepting on its own socket.
 //! - [`telemetry`]: what the status page shows: open tunnels, recent refusals, reloads.
 //! - [`net`]: below HTTP: the PROXY protocol (client identity behind a balancer), TCP keepalive.
+//! - [`upgrade`]: SIGUSR2: a new binary takes over the listeners and every plain tunnel.
 //!
 //! `main.rs` is a thin shell over [`Proxy`]; tests drive the same [`Proxy::run`] with
 //! listeners bound on port 0.
@@ -55,6 +57,8 @@ pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod tunnel;
+pub mod tunnel_task;
+pub mod upgrade;
 pub mod workers;
 
 use std::future::Future;
@@ -72,39 +76,69 @@ use state::{Runtime, Shared};
 
 /// The sockets a proxy serves on. Bound by the caller, so tests can use port 0 and a
 /// supervisor could pass sockets in.
+#[derive(Default)]
 pub struct Listeners {
     pub proxy: Vec<TcpListener>,
     /// One per `[[proxy.tls]]` entry, in config order.
     pub tls: Vec<TcpListener>,
     pub admin: Option<TcpListener>,
+    /// More sockets of each proxy, then TLS, listener: the `SO_REUSEPORT` siblings an upgrade
+    /// inherited from the process it replaced, each to be polled by a worker.
+    pub siblings: Vec<Vec<std::net::TcpListener>>,
 }
 
 impl Listeners {
     /// Binds what the config names. Proxy listeners are bound so that every worker can have
     /// a socket of its own on the same port (see [`workers`]).
     pub async fn bind(config: &Config) -> io::Result<Listeners> {
-        let reusable = |addr: SocketAddr, what: &str| {
-            workers::bind(addr)
-                .and_then(TcpListener::from_std)
-                .map_err(|e| {
-                    io::Error::new(e.kind(), format!("cannot listen on {addr}{what}: {e}"))
-                })
+        Listeners::inherit(config, None).await
+    }
+
+    /// As [`bind`](Listeners::bind), but a listener the process being replaced already has
+    /// (the same place in the config, the same address) is taken over, not bound anew.
+    pub async fn inherit(
+        config: &Config,
+        mut takeover: Option<&mut upgrade::Takeover>,
+    ) -> io::Result<Listeners> {
+        let mut inherited = |kind: &str, index: usize, addr: SocketAddr| {
+            let group = upgrade::group(kind, index, &addr.to_string());
+            takeover.as_mut().map(|t| t.take(&group)).unwrap_or_default()
         };
-        let mut proxy = Vec::new();
-        for &addr in &config.proxy.listen {
-            proxy.push(reusable(addr, "")?);
+        let reusable = |addr: SocketAddr, what: &str| {
+            workers::bind(addr).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot listen on {addr}{what}: {e}"))
+            })
+        };
+        let mut listeners = Listeners::default();
+        let proxy = config.proxy.listen.iter().map(|&addr| ("proxy", addr, ""));
+        let tls = config.proxy.tls.iter().map(|l| ("tls", l.listen, " (tls)"));
+        let mut index = [0usize; 2];
+        for (kind, addr, what) in proxy.chain(tls) {
+            let slot = usize::from(kind == "tls");
+            let mut sockets = inherited(kind, index[slot], addr).into_iter();
+            index[slot] += 1;
+            let first = match sockets.next() {
+                Some(socket) => socket,
+                None => reusable(addr, what)?,
+            };
+            let first = TcpListener::from_std(first)?;
+            if kind == "tls" {
+                listeners.tls.push(first);
+            } else {
+                listeners.proxy.push(first);
+            }
+            listeners.siblings.push(sockets.collect());
         }
-        let mut tls = Vec::new();
-        for listener in &config.proxy.tls {
-            tls.push(reusable(listener.listen, " (tls)")?);
-        }
-        let admin = match config.admin.listen {
-            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
-            })?),
+        listeners.admin = match config.admin.listen {
+            Some(addr) => match inherited("admin", 0, addr).pop() {
+                Some(socket) => Some(TcpListener::from_std(socket)?),
+                None => Some(TcpListener::bind(addr).await.map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
+                })?),
+            },
             None => None,
         };
-        Ok(Listeners { proxy, tls, admin })
+        Ok(listeners)
     }
 }
 
@@ -201,7 +235,19 @@ impl Proxy {
     /// The caller's runtime is worker 0; `[proxy] workers` minus one more threads are started,
     /// each with its own event loop (see [`workers`]).
     pub async fn run(&self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
-        let stop_accepting = CancellationToken::new();
+        self.run_upgradable(listeners, shutdown, None).await
+    }
+
+    /// [`run`](Proxy::run) for a process an upgrade started: once serving, it takes the
+    /// tunnels of the process it replaces. Either way, a finished upgrade of this process
+    /// (SIGUSR2, [`Proxy::upgrade`]) starts its drain as `shutdown` would.
+    pub async fn run_upgradable(
+        &self,
+        mut listeners: Listeners,
+        shutdown: impl Future<Output = ()>,
+        takeover: Option<upgrade::Takeover>,
+    ) {
+        let stop_accepting = self.shared.stop_accepting.clone();
         let stop_admin = CancellationToken::new();
         let plain = listeners.proxy.into_iter().map(|l| (l, None));
         let tls = listeners
@@ -210,9 +256,11 @@ impl Proxy {
             .enumerate()
             .map(|(i, l)| (l, Some(i)));
         let accepting: Vec<_> = plain.chain(tls).collect();
+        let groups = self.groups(&accepting);
         let keepalive = self.shared.keepalive();
-        for (listener, tls) in &accepting {
+        for ((listener, tls), group) in accepting.iter().zip(&groups) {
             net::keepalive::listening(listener, keepalive);
+            self.shared.upgrade.listening(group, listener);
             let kind = if tls.is_some() {
                 "proxy (tls)"
             } else {
@@ -225,8 +273,20 @@ impl Proxy {
             shared: self.shared.clone(),
             armed: true,
         };
-        let others = self.start_workers(&accepting, &stop_accepting);
-        for (listener, tls) in accepting {
+        listeners.siblings.resize_with(accepting.len(), Vec::new);
+        let others = self.start_workers(&accepting, &groups, &mut listeners.siblings);
+        // Inherited sockets beyond one per worker: worker 0 polls them too, so no socket in
+        // a port's group is left with an accept queue nobody reads.
+        let mut extra = Vec::new();
+        for ((sockets, (_, tls)), group) in listeners.siblings.into_iter().zip(&accepting).zip(&groups) {
+            for socket in sockets {
+                self.shared.upgrade.listening(group, &socket);
+                if let Ok(listener) = TcpListener::from_std(socket) {
+                    extra.push((listener, *tls));
+                }
+            }
+        }
+        for (listener, tls) in accepting.into_iter().chain(extra) {
             tokio::spawn(server::accept_loop(
                 listener,
                 server::Listener { tls, worker: 0 },
@@ -236,6 +296,9 @@ impl Proxy {
         }
         if let Some(listener) = listeners.admin {
             self.shared.status.listening("admin", local(&listener));
+            let admin_addr = self.shared.runtime().config.admin.listen;
+            let group = upgrade::group("admin", 0, &admin_addr.map_or(String::new(), |a| a.to_string()));
+            self.shared.upgrade.listening(&group, &listener);
             tokio::spawn(admin::serve(
                 listener,
                 self.shared.clone(),
@@ -248,7 +311,18 @@ impl Proxy {
             self.shared.clone(),
             stop_accepting.clone(),
         ));
-        shutdown.await;
+        if let Some(takeover) = takeover {
+            self.take_over(takeover).await;
+        }
+        upgrade::notify::ready();
+        let handed_over = self.shared.upgrade.handed_over.clone();
+        tokio::select! {
+            () = shutdown => {}
+            () = handed_over.cancelled() => {
+                // The new process answers on the admin port now.
+                stop_admin.cancel();
+            }
+        }
         self.drain(stop_accepting).await;
         let _ = refresher.await;
         for worker in others {
@@ -258,22 +332,90 @@ impl Proxy {
         stop_on_drop.armed = false;
     }
 
-    /// Workers 1 and up. One that cannot start is logged and the rest serve without it.
+    /// The listener groups an upgrade passes sockets on by: which listener of the config,
+    /// and its configured address.
+    fn groups(&self, accepting: &[(TcpListener, Option<usize>)]) -> Vec<String> {
+        let config = &self.shared.runtime().config;
+        let mut plain = 0;
+        accepting
+            .iter()
+            .map(|(_, tls)| match tls {
+                Some(i) => {
+                    let addr = config.proxy.tls.get(*i).map(|l| l.listen.to_string());
+                    upgrade::group("tls", *i, &addr.unwrap_or_default())
+                }
+                None => {
+                    let addr = config.proxy.listen.get(plain).map(|a| a.to_string());
+                    plain += 1;
+                    upgrade::group("proxy", plain - 1, &addr.unwrap_or_default())
+                }
+            })
+            .collect()
+    }
+
+    /// The new process's part of an upgrade, once it accepts: takes every tunnel the old one
+    /// parks. A failure here is logged; this process serves on regardless.
+    async fn take_over(&self, takeover: upgrade::Takeover) {
+        let shared = self.shared.clone();
+        let taken = tokio::task::spawn_blocking(move || takeover.take_tunnels(shared)).await;
+        match taken {
+            Ok(Ok(tunnels)) => tracing::info!(tunnels, "upgrade: took over"),
+            Ok(Err(e)) => tracing::error!(error = %e, "upgrade: the handover broke off"),
+            Err(e) => tracing::error!(error = %e, "upgrade: the handover thread failed"),
+        }
+    }
+
+    /// Starts a new process from `relaunch` and hands it the listeners and every plain
+    /// tunnel (see [`upgrade`]); logged and counted either way. On success this process
+    /// drains what could not move and its [`run`](Proxy::run) returns.
+    pub async fn upgrade(
+        &self,
+        relaunch: &upgrade::Relaunch,
+    ) -> Result<upgrade::Upgraded, upgrade::Failure> {
+        let stop_accepting = self.shared.stop_accepting.clone();
+        let result = upgrade::upgrade(&self.shared, relaunch, &stop_accepting).await;
+        match &result {
+            Ok(done) => {
+                self.shared.metrics.upgrade("ok");
+                tracing::info!(pid = done.pid, tunnels = done.tunnels, "upgrade: handed over; draining what stays");
+            }
+            Err(failure) => {
+                self.shared.metrics.upgrade(failure.result());
+                tracing::error!(error = %failure, result = failure.result(), "upgrade failed; serving on");
+            }
+        }
+        result
+    }
+
+    /// Workers 1 and up, each on its own socket per listener: one inherited from the process
+    /// an upgrade replaced, else a new `SO_REUSEPORT` sibling. One that cannot start is
+    /// logged and the rest serve without it.
     fn start_workers(
         &self,
         listeners: &[(TcpListener, Option<usize>)],
-        stop_accepting: &CancellationToken,
+        groups: &[String],
+        inherited: &mut [Vec<std::net::TcpListener>],
     ) -> Vec<workers::Worker> {
+        self.shared.upgrade.add_worker(tokio::runtime::Handle::current());
         let count = workers::count(self.shared.runtime().config.proxy.workers);
         let mut started = Vec::new();
         for index in 1..count {
-            match workers::Worker::spawn(
-                index,
-                listeners,
-                self.shared.clone(),
-                stop_accepting.clone(),
-            ) {
-                Ok(worker) => started.push(worker),
+            let own = listeners.iter().zip(groups).zip(inherited.iter_mut());
+            let own: std::io::Result<Vec<_>> = own
+                .map(|(((listener, tls), group), inherited)| {
+                    let socket = match inherited.pop() {
+                        Some(socket) => socket,
+                        None => workers::sibling(listener)?,
+                    };
+                    self.shared.upgrade.listening(group, &socket);
+                    Ok((socket, *tls))
+                })
+                .collect();
+            match own.and_then(|own| workers::Worker::spawn(index, own, self.shared.clone())) {
+                Ok((worker, handle)) => {
+                    self.shared.upgrade.add_worker(handle);
+                    started.push(worker);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "cannot start worker {index}; serving with {index}");
                     break;

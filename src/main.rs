@@ -12,6 +12,7 @@ use portcullis::log_format::JsonLines;
 use portcullis::log_writer::{FlushGuard, batch_writer};
 use portcullis::reload::Reloader;
 use portcullis::state::Runtime;
+use portcullis::upgrade::{Relaunch, Takeover};
 use portcullis::{Config, Listeners, Proxy};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
@@ -107,12 +108,13 @@ fn main() -> ExitCode {
         }
     });
     let _log_guard = init_logging(format);
+    let relaunch = portcullis::upgrade::Relaunch::this_process();
     // Worker 0: the other workers get runtimes of their own (see `portcullis::workers`).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("the tokio runtime starts");
-    match runtime.block_on(serve(config, args.config)) {
+    match runtime.block_on(serve(config, args.config, relaunch)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -205,8 +207,18 @@ fn init_logging(format: LogFormat) -> FlushGuard {
     guard
 }
 
-async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
-    let listeners = Listeners::bind(&config).await?;
+async fn serve(
+    config: Config,
+    path: Option<PathBuf>,
+    relaunch: Option<Relaunch>,
+) -> anyhow::Result<()> {
+    // Started by SIGUSR2 in a running portcullis: the config has loaded, so say so and take
+    // its listening sockets.
+    let mut takeover = match Takeover::begin() {
+        Some(begun) => Some(begun.context("upgrade: cannot reach the process being replaced")?),
+        None => None,
+    };
+    let listeners = Listeners::inherit(&config, takeover.as_mut()).await?;
     let addrs: Vec<String> = listeners
         .proxy
         .iter()
@@ -223,6 +235,7 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"),
         listen = %addrs.join(" "),
         admin = %admin,
+        upgraded = takeover.is_some(),
         "portcullis serving"
     );
     let mut hangup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
@@ -233,8 +246,13 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
     if let Some(reloader) = reloader.clone().filter(|_| watch) {
         tokio::spawn(reloader.watch(portcullis::reload::WATCH_INTERVAL));
     }
+    // A reload and an upgrade never overlap: SIGUSR2 during a reload waits for it, and the
+    // new process reads the config file as it is then.
+    let one_at_a_time = std::sync::Arc::new(tokio::sync::Mutex::new(()));
+    let reloading = one_at_a_time.clone();
     tokio::spawn(async move {
         while hangup.recv().await.is_some() {
+            let _held = reloading.lock().await;
             match &reloader {
                 Some(reloader) => {
                     let _ = reloader.reload();
@@ -243,7 +261,27 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
             }
         }
     });
-    proxy.run(listeners, termination().await?).await;
+    let mut user2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    let upgrading = proxy.clone();
+    tokio::spawn(async move {
+        while user2.recv().await.is_some() {
+            let Some(relaunch) = &relaunch else {
+                tracing::error!("SIGUSR2: this process's own path is unknown; cannot upgrade");
+                continue;
+            };
+            tracing::info!("SIGUSR2: upgrading in place");
+            let Ok(_held) = one_at_a_time.try_lock() else {
+                // Reload in progress: wait for it, then upgrade.
+                let _held = one_at_a_time.lock().await;
+                let _ = upgrading.upgrade(relaunch).await;
+                continue;
+            };
+            let _ = upgrading.upgrade(relaunch).await;
+        }
+    });
+    proxy
+        .run_upgradable(listeners, termination().await?, takeover)
+        .await;
     Ok(())
 }
 

@@ -52,6 +52,7 @@ pub struct Metrics {
     connections_accepted: IntCounterVec,
     pipe_fallbacks: IntCounter,
     config_reloads: IntCounterVec,
+    upgrades: IntCounterVec,
     ip_ranges_refreshes: IntCounterVec,
     ip_ranges: RangesGauges,
     /// Handles per allowed domain label (including `_other`).
@@ -162,6 +163,14 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let upgrades = IntCounterVec::new(
+            Opts::new(
+                "upgrades_total",
+                "In-place upgrades (SIGUSR2) this process started, by result",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         let ip_ranges_refreshes = IntCounterVec::new(
             Opts::new(
                 "ip_ranges_refreshes_total",
@@ -190,6 +199,7 @@ impl Metrics {
             Box::new(connections_accepted.clone()),
             Box::new(pipe_fallbacks.clone()),
             Box::new(config_reloads.clone()),
+            Box::new(upgrades.clone()),
             Box::new(ip_ranges_refreshes.clone()),
             Box::new(ip_ranges.clone()),
             Box::new(build_info),
@@ -210,6 +220,7 @@ impl Metrics {
             connections_accepted,
             pipe_fallbacks,
             config_reloads,
+            upgrades,
             ip_ranges_refreshes,
             ip_ranges,
             domains: DashMap::new(),
@@ -236,6 +247,9 @@ impl Metrics {
         }
         for result in ["ok", "error"] {
             metrics.config_reloads.with_label_values(&[result]);
+        }
+        for result in ["ok", "error", "exited", "timeout"] {
+            metrics.upgrades.with_label_values(&[result]);
         }
         for result in RESULTS {
             metrics.ip_ranges_refreshes.with_label_values(&[result]);
@@ -329,6 +343,10 @@ impl Metrics {
     pub fn config_reload(&self, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.config_reloads.with_label_values(&[result]).inc();
+    }
+
+    pub fn upgrade(&self, result: &str) {
+        self.upgrades.with_label_values(&[result]).inc();
     }
 
     pub fn ip_ranges_refresh(&self, result: &str) {

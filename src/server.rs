@@ -88,9 +88,15 @@ pub async fn accept_loop(
             continue;
         };
         let task_shared = shared.clone();
-        shared
-            .tasks
-            .spawn(serve_connection(stream, peer, tls, task_shared, permit));
+        let connection = serve_connection(stream, peer, tls, task_shared, permit);
+        // A plain connection may become a tunnel an upgrade must wait for and move; a TLS
+        // one cannot move (see `upgrade`).
+        match tls {
+            None => shared
+                .tasks
+                .spawn(shared.upgrade.movable.track_future(connection)),
+            Some(_) => shared.tasks.spawn(connection),
+        };
     }
 }
 

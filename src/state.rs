@@ -77,6 +77,10 @@ pub struct Shared {
     keepalive: ArcSwap<KeepAlive>,
     /// Open tunnels (and dials in flight) per client address.
     per_client: Arc<DashMap<IpAddr, usize>>,
+    /// Stops every accept loop (a drain, or an upgrade's handover).
+    pub stop_accepting: CancellationToken,
+    /// SIGUSR2's plumbing: parking tunnels, the listening sockets, the workers.
+    pub upgrade: crate::upgrade::State,
 }
 
 /// Holds the swap lock; see [`Shared::ip_ranges_writer`].
@@ -140,6 +144,8 @@ impl Shared {
             draining: AtomicBool::new(false),
             keepalive: ArcSwap::from_pointee(keepalive),
             per_client: Arc::new(DashMap::new()),
+            stop_accepting: CancellationToken::new(),
+            upgrade: crate::upgrade::State::default(),
         }
     }
 

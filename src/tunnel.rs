@@ -90,6 +90,14 @@ pub struct ByteTotals {
     pub downstream: AtomicU64,
 }
 
+impl ByteTotals {
+    /// Adds (client to origin, origin to client): a handed-over tunnel's history.
+    pub fn add(&self, (upstream, downstream): (u64, u64)) {
+        self.upstream.fetch_add(upstream, Ordering::Relaxed);
+        self.downstream.fetch_add(downstream, Ordering::Relaxed);
+    }
+}
+
 /// Looks at the client's bytes as they are forwarded, never holding one back (the
 /// `sni = "log"` check reads its ClientHello this way). Returns `false` once it has seen
 /// enough; it is not called again.

@@ -58,7 +58,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// A listening socket for another worker, on the same address as `listener`.
-fn sibling(listener: &TcpListener) -> io::Result<std::net::TcpListener> {
+pub fn sibling(listener: &TcpListener) -> io::Result<std::net::TcpListener> {
     if sockopt::socket_reuseport(listener).unwrap_or(false) {
         bind(listener.local_addr()?)
     } else {
@@ -72,26 +72,25 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Starts worker `index` on siblings of `listeners` (with their `[[proxy.tls]]` index).
+    /// Starts worker `index` on its own listening sockets (each with its `[[proxy.tls]]`
+    /// index); returns it with a handle to its event loop, where an upgrade resumes tunnels.
     pub fn spawn(
         index: usize,
-        listeners: &[(TcpListener, Option<usize>)],
+        own: Vec<(std::net::TcpListener, Option<usize>)>,
         shared: Arc<Shared>,
-        stop_accepting: CancellationToken,
-    ) -> io::Result<Worker> {
-        let mut own = Vec::with_capacity(listeners.len());
-        for (listener, tls) in listeners {
-            let own_socket = sibling(listener)?;
-            crate::net::keepalive::listening(&own_socket, shared.keepalive());
-            own.push((own_socket, *tls));
+    ) -> io::Result<(Worker, tokio::runtime::Handle)> {
+        for (socket, _) in &own {
+            crate::net::keepalive::listening(socket, shared.keepalive());
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
+        let handle = runtime.handle().clone();
+        let stop_accepting = shared.stop_accepting.clone();
         let thread = std::thread::Builder::new()
             .name(format!("portcullis-{index}"))
             .spawn(move || runtime.block_on(serve(index, own, shared, stop_accepting)))?;
-        Ok(Worker { thread })
+        Ok((Worker { thread }, handle))
     }
 
     /// Waits for the thread to end. A drain bounds how long its tasks take; this adds a bound

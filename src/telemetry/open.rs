@@ -39,6 +39,23 @@ impl OpenTunnel {
         }
     }
 
+    /// A tunnel that opened at `opened` in the process an upgrade replaced.
+    pub fn resumed(
+        client: SocketAddr,
+        host: &str,
+        port: u16,
+        rule: &str,
+        opened: SystemTime,
+    ) -> OpenTunnel {
+        let age = SystemTime::now().duration_since(opened).unwrap_or_default();
+        let now = Instant::now();
+        OpenTunnel {
+            opened,
+            opened_at: now.checked_sub(age).unwrap_or(now),
+            ..OpenTunnel::new(client, host, port, rule)
+        }
+    }
+
     /// (client to origin, origin to client) so far.
     pub fn bytes(&self) -> (u64, u64) {
         (

@@ -229,6 +229,7 @@ pub async fn start(setup: Setup) -> TestProxy {
         proxy: vec![proxy_listener],
         tls: tls_listeners(&config).await,
         admin: Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        siblings: Vec::new(),
     };
     let addr = listeners.proxy[0].local_addr().unwrap();
     let tls_addrs = listeners

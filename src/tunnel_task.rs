@@ -1,0 +1,197 @@
+//! An open tunnel's task, from its first relayed byte to its `tunnel_closed` line, in
+//! whichever process it ends: it relays, and when an upgrade parks it, hands it to the new
+//! process (or, if no upgrade takes it any more, goes on here). [`resume`] is the same life
+//! picked up by the process a tunnel was handed to.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+
+use crate::access_log::Entry;
+use crate::connect::judge_sni;
+use crate::metrics::DomainMetrics;
+use crate::prefixed::ClientStream;
+use crate::sni::{self, SniMode};
+use crate::state::{ClientSlot, Shared};
+use crate::telemetry::OpenTunnel;
+use crate::telemetry::open::Registered;
+use crate::tunnel::{self, Counters, Flows, FromClient, Mode, Plain, Relayed, Stops, Tap, Totals};
+use crate::upgrade::handover::Moving;
+
+/// Holds `tunnels_active` up for exactly as long as the tunnel task lives, however it ends.
+pub struct ActiveTunnel(pub Arc<DomainMetrics>);
+
+impl ActiveTunnel {
+    pub fn new(handles: Arc<DomainMetrics>) -> ActiveTunnel {
+        handles.tunnels_active.inc();
+        ActiveTunnel(handles)
+    }
+}
+
+impl Drop for ActiveTunnel {
+    fn drop(&mut self) {
+        self.0.tunnels_active.dec();
+    }
+}
+
+/// What a tunnel holds while it relays: its gauge, its status-page entry, its client's slot
+/// and its `max_connections` permit, all given back when it ends or moves away.
+pub struct Live {
+    pub active: ActiveTunnel,
+    pub open: Registered,
+    pub slot: Option<ClientSlot>,
+    pub permit: Option<OwnedSemaphorePermit>,
+    /// When the tunnel first opened, in whichever process that was.
+    pub started: Instant,
+    pub idle: Duration,
+}
+
+impl Live {
+    fn counters(&self) -> Counters<'_> {
+        Counters {
+            upstream: &self.active.0.bytes_upstream,
+            downstream: &self.active.0.bytes_downstream,
+            totals: &self.open.tunnel.bytes,
+        }
+    }
+}
+
+/// Relays a tunnel that has just opened. `moving` keeps an upgrade waiting until a plain
+/// tunnel has parked or ended; a TLS client's tunnel cannot move and lets it go.
+pub async fn run(
+    shared: Arc<Shared>,
+    live: Live,
+    entry: Entry,
+    client: ClientStream,
+    origin: TcpStream,
+    early: Bytes,
+    sni: SniMode,
+    moving: TaskTrackerToken,
+) {
+    // `sni = "log"`: the tap judges the ClientHello as it passes and leaves the name here.
+    let seen = Mutex::new(None::<String>);
+    let mut watched = (sni == SniMode::Log).then(|| (entry.clone(), sni::Watch::default()));
+    let mut watching = |bytes: &[u8]| {
+        let Some((entry, watch)) = watched.as_mut() else {
+            return false;
+        };
+        match watch.observe(bytes) {
+            None => true,
+            Some(hello) => {
+                let _ = judge_sni(hello, SniMode::Log, entry);
+                *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(entry.sni.clone());
+                false
+            }
+        }
+    };
+    let tap = (sni == SniMode::Log).then_some(&mut watching as Tap<'_>);
+    match client {
+        ClientStream::Plain(tcp) => {
+            let plain = Plain {
+                client: tcp,
+                origin,
+                flows: Flows::opening(early),
+                idle_for: Duration::ZERO,
+            };
+            go_on(&shared, live, entry, plain, tap, &seen, moving).await;
+        }
+        ClientStream::Tls(tls) => {
+            drop(moving);
+            let from_client = FromClient { early, tap };
+            let counters = live.counters();
+            let idle = live.idle;
+            let totals =
+                tunnel::relay_streams(*tls, from_client, origin, idle, counters, &shared.abort)
+                    .await;
+            let mut entry = entry;
+            note_sni(&mut entry, &seen);
+            close(&shared, live, &entry, totals);
+        }
+    }
+}
+
+/// Goes on with a tunnel another process handed over (or an upgrade here gave back).
+pub async fn resume(shared: Arc<Shared>, moving: Moving) {
+    let Moving {
+        entry,
+        opened,
+        bytes,
+        idle_timeout,
+        plain,
+    } = moving;
+    let token = shared.upgrade.movable.token();
+    let handles = shared.metrics.domain(&entry.host);
+    let age = SystemTime::now().duration_since(opened).unwrap_or_default();
+    let open = OpenTunnel::resumed(entry.client, &entry.host, entry.port, &entry.rule, opened);
+    open.bytes.add(bytes);
+    let live = Live {
+        active: ActiveTunnel::new(handles),
+        open: shared.status.open.register(open),
+        // Counted, never refused: the tunnel is already open.
+        slot: shared.client_slot(entry.client.ip(), 0),
+        permit: shared.connections.clone().try_acquire_owned().ok(),
+        started: Instant::now().checked_sub(age).unwrap_or_else(Instant::now),
+        idle: idle_timeout,
+    };
+    go_on(&shared, live, entry, *plain, None, &Mutex::new(None), token).await;
+}
+
+/// The plain relay, parked and handed over when an upgrade asks; closes and logs when it ends.
+async fn go_on(
+    shared: &Arc<Shared>,
+    live: Live,
+    mut entry: Entry,
+    mut plain: Plain,
+    mut tap: Option<Tap<'_>>,
+    seen: &Mutex<Option<String>>,
+    _moving: TaskTrackerToken,
+) {
+    loop {
+        let park = shared.upgrade.park_token();
+        let stops = Stops {
+            abort: &shared.abort,
+            park: &park,
+        };
+        let counters = live.counters();
+        let relayed =
+            tunnel::relay_plain(Mode::best(), plain, tap.take(), live.idle, counters, stops).await;
+        note_sni(&mut entry, seen);
+        let parked = match relayed {
+            Relayed::Ended(totals) => return close(shared, live, &entry, totals),
+            Relayed::Parked(parked) => parked,
+        };
+        let moving = Moving {
+            entry: entry.clone(),
+            opened: live.open.tunnel.opened,
+            bytes: live.open.tunnel.bytes(),
+            idle_timeout: live.idle,
+            plain: parked,
+        };
+        match shared.upgrade.hand(moving) {
+            // Gone to the new process: this one lets go of its gauge, slot and permit.
+            Ok(()) => return,
+            Err(back) => plain = *back.plain,
+        }
+    }
+}
+
+fn note_sni(entry: &mut Entry, seen: &Mutex<Option<String>>) {
+    if let Some(name) = seen.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        entry.sni = name;
+    }
+}
+
+/// Counts and logs a tunnel's end, with its whole history.
+fn close(shared: &Shared, live: Live, entry: &Entry, totals: Totals) {
+    if totals.pipe_fallback {
+        shared.metrics.pipe_fallback();
+    }
+    let duration = live.started.elapsed();
+    live.active.0.tunnel_duration.observe(duration.as_secs_f64());
+    entry.closed(&totals, duration);
+}
