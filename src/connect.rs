@@ -38,7 +38,7 @@ use crate::rules::{self, Host, Rule, Verdict};
 use crate::sni::{self, Hello, SniMode};
 use crate::state::{ClientSlot, Runtime, Shared};
 use crate::telemetry::OpenTunnel;
-use crate::tunnel_task::{self, ActiveTunnel, Live};
+use crate::tunnel_task::{self, ActiveTunnel, Ends, Live};
 
 /// Who is on the other end of a client connection.
 #[derive(Debug, Clone)]
@@ -511,7 +511,13 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
             started,
             idle: timeouts.idle,
         };
-        tunnel_task::run(shared, live, entry, client, upstream, early, sni, moving).await;
+        let ends = Ends {
+            client,
+            origin: upstream,
+            early,
+            sni,
+        };
+        tunnel_task::run(shared, live, entry, ends, moving).await;
     });
 }
 

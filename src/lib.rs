@@ -102,7 +102,10 @@ impl Listeners {
     ) -> io::Result<Listeners> {
         let mut inherited = |kind: &str, index: usize, addr: SocketAddr| {
             let group = upgrade::group(kind, index, &addr.to_string());
-            takeover.as_mut().map(|t| t.take(&group)).unwrap_or_default()
+            takeover
+                .as_mut()
+                .map(|t| t.take(&group))
+                .unwrap_or_default()
         };
         let reusable = |addr: SocketAddr, what: &str| {
             workers::bind(addr).map_err(|e| {
@@ -278,7 +281,9 @@ impl Proxy {
         // Inherited sockets beyond one per worker: worker 0 polls them too, so no socket in
         // a port's group is left with an accept queue nobody reads.
         let mut extra = Vec::new();
-        for ((sockets, (_, tls)), group) in listeners.siblings.into_iter().zip(&accepting).zip(&groups) {
+        for ((sockets, (_, tls)), group) in
+            listeners.siblings.into_iter().zip(&accepting).zip(&groups)
+        {
             for socket in sockets {
                 self.shared.upgrade.listening(group, &socket);
                 if let Ok(listener) = TcpListener::from_std(socket) {
@@ -297,7 +302,11 @@ impl Proxy {
         if let Some(listener) = listeners.admin {
             self.shared.status.listening("admin", local(&listener));
             let admin_addr = self.shared.runtime().config.admin.listen;
-            let group = upgrade::group("admin", 0, &admin_addr.map_or(String::new(), |a| a.to_string()));
+            let group = upgrade::group(
+                "admin",
+                0,
+                &admin_addr.map_or(String::new(), |a| a.to_string()),
+            );
             self.shared.upgrade.listening(&group, &listener);
             tokio::spawn(admin::serve(
                 listener,
@@ -377,7 +386,11 @@ impl Proxy {
         match &result {
             Ok(done) => {
                 self.shared.metrics.upgrade("ok");
-                tracing::info!(pid = done.pid, tunnels = done.tunnels, "upgrade: handed over; draining what stays");
+                tracing::info!(
+                    pid = done.pid,
+                    tunnels = done.tunnels,
+                    "upgrade: handed over; draining what stays"
+                );
             }
             Err(failure) => {
                 self.shared.metrics.upgrade(failure.result());
@@ -396,7 +409,9 @@ impl Proxy {
         groups: &[String],
         inherited: &mut [Vec<std::net::TcpListener>],
     ) -> Vec<workers::Worker> {
-        self.shared.upgrade.add_worker(tokio::runtime::Handle::current());
+        self.shared
+            .upgrade
+            .add_worker(tokio::runtime::Handle::current());
         let count = workers::count(self.shared.runtime().config.proxy.workers);
         let mut started = Vec::new();
         for index in 1..count {

@@ -261,7 +261,8 @@ async fn serve(
             }
         }
     });
-    let mut user2 = signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
+    let mut user2 =
+        signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?;
     let upgrading = proxy.clone();
     tokio::spawn(async move {
         while user2.recv().await.is_some() {

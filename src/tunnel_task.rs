@@ -61,18 +61,30 @@ impl Live {
     }
 }
 
+/// A tunnel's two ends as it opens.
+pub struct Ends {
+    pub client: ClientStream,
+    pub origin: TcpStream,
+    /// What the client sent behind its CONNECT head (its ClientHello, usually).
+    pub early: Bytes,
+    pub sni: SniMode,
+}
+
 /// Relays a tunnel that has just opened. `moving` keeps an upgrade waiting until a plain
 /// tunnel has parked or ended; a TLS client's tunnel cannot move and lets it go.
 pub async fn run(
     shared: Arc<Shared>,
     live: Live,
     entry: Entry,
-    client: ClientStream,
-    origin: TcpStream,
-    early: Bytes,
-    sni: SniMode,
+    ends: Ends,
     moving: TaskTrackerToken,
 ) {
+    let Ends {
+        client,
+        origin,
+        early,
+        sni,
+    } = ends;
     // `sni = "log"`: the tap judges the ClientHello as it passes and leaves the name here.
     let seen = Mutex::new(None::<String>);
     let mut watched = (sni == SniMode::Log).then(|| (entry.clone(), sni::Watch::default()));
@@ -172,7 +184,7 @@ async fn go_on(
             idle_timeout: live.idle,
             plain: parked,
         };
-        match shared.upgrade.hand(moving) {
+        match shared.upgrade.hand(Box::new(moving)) {
             // Gone to the new process: this one lets go of its gauge, slot and permit.
             Ok(()) => return,
             Err(back) => plain = *back.plain,
@@ -192,6 +204,9 @@ fn close(shared: &Shared, live: Live, entry: &Entry, totals: Totals) {
         shared.metrics.pipe_fallback();
     }
     let duration = live.started.elapsed();
-    live.active.0.tunnel_duration.observe(duration.as_secs_f64());
+    live.active
+        .0
+        .tunnel_duration
+        .observe(duration.as_secs_f64());
     entry.closed(&totals, duration);
 }

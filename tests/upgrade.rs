@@ -121,6 +121,8 @@ fn byte_at(id: u64, offset: u64) -> u8 {
 /// One tunnel streaming through an echo origin: the client sends its stream in small frames
 /// at a steady pace and checks every byte that comes back, in order, as it comes.
 struct Stream {
+    local_port: u16,
+    opened: Instant,
     sent: Arc<AtomicU64>,
     checked: Arc<AtomicU64>,
     /// The longest wait between two echoed frames: the pause an upgrade caused.
@@ -133,6 +135,7 @@ impl Stream {
     async fn open(proxy: SocketAddr, port: u16, id: u64, stop: Arc<AtomicBool>) -> Stream {
         let (reply, stream) = connect(proxy, &format!("{HOST}:{port}")).await;
         assert_eq!(reply.status, 200, "tunnel {id}");
+        let local_port = stream.local_addr().unwrap().port();
         let (mut rd, mut wr) = stream.into_split();
         let sent = Arc::new(AtomicU64::new(0));
         let checked = Arc::new(AtomicU64::new(0));
@@ -159,7 +162,10 @@ impl Stream {
             let mut offset = 0u64;
             let mut last = Instant::now();
             loop {
-                let n = rd.read(&mut buf).await.map_err(|e| format!("tunnel {id}: {e}"))?;
+                let n = rd
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("tunnel {id}: {e}"))?;
                 if n == 0 {
                     return Ok(offset);
                 }
@@ -177,6 +183,8 @@ impl Stream {
             }
         });
         Stream {
+            local_port,
+            opened: Instant::now(),
             sent,
             checked,
             longest_gap,
@@ -192,7 +200,7 @@ async fn two_hundred_streams_survive_ten_upgrades() {
     let world = World::new().await;
     let origin = Origin::echo().await;
     world.write_config(origin.addr.port(), "");
-    let mut running = Running::start(&world.path);
+    let running = Running::start(&world.path);
     let mut generations = Generations::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut streams = Vec::new();
@@ -209,7 +217,10 @@ async fn two_hundred_streams_survive_ten_upgrades() {
     let mut pid = running.child.id();
     let mut gaps = Vec::new();
     for n in 1..=10 {
-        let floor: Vec<u64> = streams.iter().map(|s| s.checked.load(Ordering::Relaxed)).collect();
+        let floor: Vec<u64> = streams
+            .iter()
+            .map(|s| s.checked.load(Ordering::Relaxed))
+            .collect();
         for s in &streams {
             s.longest_gap.store(0, Ordering::Relaxed);
         }
@@ -219,7 +230,11 @@ async fn two_hundred_streams_survive_ten_upgrades() {
         generations.0.push(new);
         // The old process has nothing left that cannot move: it exits.
         let gone = eventually(Duration::from_secs(10), || async { !alive(pid) }).await;
-        assert!(gone, "upgrade {n}: old pid {pid} still there\n{}", running.log());
+        assert!(
+            gone,
+            "upgrade {n}: old pid {pid} still there\n{}",
+            running.log()
+        );
         pid = new;
         assert!(alive(pid));
         // Every tunnel still carries bytes, now through the new process.
@@ -230,13 +245,31 @@ async fn two_hundred_streams_survive_ten_upgrades() {
         })
         .await;
         assert!(moving, "upgrade {n}: a tunnel stopped\n{}", running.log());
-        gaps.extend(streams.iter().map(|s| s.longest_gap.load(Ordering::Relaxed)));
+        gaps.extend(
+            streams
+                .iter()
+                .map(|s| s.longest_gap.load(Ordering::Relaxed)),
+        );
         // And new tunnels open (the new process accepts on the same port).
-        let (reply, mut fresh) = connect(running.proxy, &format!("{HOST}:{}", origin.addr.port())).await;
+        let (reply, mut fresh) =
+            connect(running.proxy, &format!("{HOST}:{}", origin.addr.port())).await;
         assert_eq!(reply.status, 200);
         assert_echo(&mut fresh, b"after the upgrade").await;
     }
+    // The last process counts every handed-over tunnel as its own.
+    let (_, metrics) = http_get(running.admin, "/metrics").await;
+    let active = support::metric_value(&metrics, &support::active_series(HOST));
+    assert!(
+        active >= TUNNELS as f64,
+        "tunnels_active {active}\n{metrics}"
+    );
+    assert!(metrics.contains("portcullis_build_info{version="));
     stop.store(true, Ordering::Relaxed);
+    let ports: Vec<(u16, Duration)> = streams
+        .iter()
+        .map(|s| (s.local_port, s.opened.elapsed()))
+        .collect();
+    let mut sent = Vec::new();
     for (id, s) in streams.into_iter().enumerate() {
         s.writer.await.unwrap();
         let echoed = tokio::time::timeout(Duration::from_secs(20), s.reader)
@@ -244,10 +277,53 @@ async fn two_hundred_streams_survive_ten_upgrades() {
             .unwrap_or_else(|_| panic!("tunnel {id} did not finish"))
             .unwrap()
             .unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(echoed, s.sent.load(Ordering::Relaxed), "tunnel {id}: every byte back");
+        assert_eq!(
+            echoed,
+            s.sent.load(Ordering::Relaxed),
+            "tunnel {id}: every byte back"
+        );
+        sent.push(echoed);
+    }
+    // Each tunnel's close line tells its whole story: bytes and duration since it first
+    // opened, two processes ago or ten.
+    for (id, (port, opened_for)) in ports.iter().enumerate() {
+        let client = format!("\"client\":\"127.0.0.1:{port}\"");
+        let line = wait_for(&running.lines, &format!("{client},"));
+        let closed = running
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("tunnel_closed") && l.contains(&client))
+            .cloned();
+        let closed = closed.unwrap_or_else(|| {
+            std::thread::sleep(Duration::from_secs(1));
+            let lines = running.lines.lock().unwrap();
+            let found = lines
+                .iter()
+                .find(|l| l.contains("tunnel_closed") && l.contains(&client));
+            found
+                .cloned()
+                .unwrap_or_else(|| panic!("tunnel {id} has no close line ({line})"))
+        });
+        let field = |name: &str| -> u64 {
+            let start = closed.find(&format!("\"{name}\":")).unwrap() + name.len() + 3;
+            closed[start..closed[start..].find([',', '}']).unwrap() + start]
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(field("bytes_upstream"), sent[id], "tunnel {id}: {closed}");
+        assert_eq!(field("bytes_downstream"), sent[id], "tunnel {id}: {closed}");
+        let duration = field("duration_ms");
+        // Carried as wall-clock milliseconds from process to process.
+        let floor = opened_for.as_millis().saturating_sub(50) as u64;
+        assert!(duration >= floor, "{opened_for:?} {closed}");
     }
     let log = running.log();
-    assert!(!log.contains("\"end\":\"error\""), "no tunnel ended in error");
+    assert!(
+        !log.contains("\"end\":\"error\""),
+        "no tunnel ended in error"
+    );
     gaps.sort_unstable();
     let pct = |p: f64| gaps[((gaps.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
     // Frames go every 20 ms: the longest gap per tunnel is 20 ms plus the pause.
@@ -258,4 +334,335 @@ async fn two_hundred_streams_survive_ten_upgrades() {
         pct(1.0),
         gaps.len()
     );
+}
+
+/// Replaces the file at `exe` with a shell script, as a broken package would.
+fn replace_with_script(exe: &Path, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let next = exe.with_extension("new");
+    std::fs::write(&next, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A running executable cannot be written to; a package manager renames over it.
+    std::fs::rename(&next, exe).unwrap();
+}
+
+/// The `n`th "upgrade failed" line's `result`.
+fn failed(running: &Running, n: usize) -> String {
+    for _ in 0..3000 {
+        let lines = running.lines.lock().unwrap();
+        let failures: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains("upgrade failed"))
+            .collect();
+        if let Some(line) = failures.get(n - 1) {
+            let start = line.find("\"result\":\"").unwrap() + 10;
+            let end = line[start..].find('"').unwrap() + start;
+            return line[start..end].to_string();
+        }
+        drop(lines);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("no failed upgrade #{n}:\n{}", running.log());
+}
+
+/// Serving everything as before: the open tunnel, a new one, the admin port.
+async fn still_serving(running: &Running, open: &mut TcpStream, port: u16) {
+    assert!(alive(running.child.id()));
+    assert_echo(open, b"the old process still relays").await;
+    let (reply, mut fresh) = connect(running.proxy, &format!("{HOST}:{port}")).await;
+    assert_eq!(reply.status, 200);
+    assert_echo(&mut fresh, b"and accepts").await;
+    assert_eq!(http_get(running.admin, "/readyz").await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_or_hanging_new_binary_leaves_the_old_one_serving() {
+    let world = World::new().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    world.write_config(port, "upgrade_timeout = \"2s\"\n");
+    let exe = world.own_binary();
+    let running = Running::start_program(&exe, &world.path, None);
+    let (reply, mut open) = connect(running.proxy, &format!("{HOST}:{port}")).await;
+    assert_eq!(reply.status, 200);
+
+    // A config the new process refuses (as `--check` would): it exits 1.
+    let good = std::fs::read_to_string(&world.path).unwrap();
+    std::fs::write(&world.path, format!("{good}\n[proxy]\nnonsense = 1\n")).unwrap();
+    signal(running.child.id(), "USR2");
+    assert_eq!(failed(&running, 1), "exited");
+    std::fs::write(&world.path, &good).unwrap();
+    still_serving(&running, &mut open, port).await;
+
+    // A binary that exits at once.
+    replace_with_script(&exe, "exit 1");
+    signal(running.child.id(), "USR2");
+    assert_eq!(failed(&running, 2), "exited");
+    still_serving(&running, &mut open, port).await;
+
+    // One that never reports: killed at `upgrade_timeout`.
+    replace_with_script(&exe, "exec sleep 600");
+    let asked = Instant::now();
+    signal(running.child.id(), "USR2");
+    assert_eq!(failed(&running, 3), "timeout");
+    assert!(asked.elapsed() < Duration::from_secs(10));
+    still_serving(&running, &mut open, port).await;
+    let hung: Vec<u32> = running
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("upgrade: started the new process"))
+        .map(|l| {
+            let start = l.find("\"pid\":").unwrap() + 6;
+            l[start..l[start..].find([',', '}']).unwrap() + start]
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(hung.len(), 3);
+    let reaped = eventually(Duration::from_secs(5), || {
+        let any = hung.iter().any(|&pid| alive(pid));
+        async move { !any }
+    })
+    .await;
+    assert!(reaped, "the hanging new process was killed");
+
+    let (_, metrics) = http_get(running.admin, "/metrics").await;
+    assert!(
+        metrics.contains("portcullis_upgrades_total{result=\"exited\"} 2"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("portcullis_upgrades_total{result=\"timeout\"} 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_mid_splice_survives_with_the_bytes_in_its_pipe() {
+    const SIZE: u64 = 16 * 1024 * 1024;
+    let world = World::new().await;
+    // An origin that reads nothing until told: bytes back up into the proxy's pipe.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    world.write_config(port, "");
+    let running = Running::start(&world.path);
+    let mut generations = Generations::default();
+    let (reply, client) = connect(running.proxy, &format!("{HOST}:{port}")).await;
+    assert_eq!(reply.status, 200);
+    let (mut origin, _) = listener.accept().await.unwrap();
+    let sent = Arc::new(AtomicU64::new(0));
+    let sent_w = sent.clone();
+    let writer = tokio::spawn(async move {
+        let mut client = client;
+        let mut offset = 0u64;
+        while offset < SIZE {
+            let chunk: Vec<u8> = (offset..offset + 65536).map(|o| byte_at(9, o)).collect();
+            client.write_all(&chunk).await.unwrap();
+            offset += 65536;
+            sent_w.store(offset, Ordering::Relaxed);
+        }
+        client.shutdown().await.unwrap();
+        client
+    });
+    // Wait until the writer stalls: every buffer on the way is full.
+    let mut last = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = sent.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(last < SIZE, "the origin's silence holds the stream up");
+    signal(running.child.id(), "USR2");
+    generations.0.push(handed_over(&running, 1));
+    let moved = wait_for(&running.lines, "upgrade: tunnel handed over");
+    let start = moved.find("\"in_pipes\":").unwrap() + 11;
+    let in_pipes: u64 = moved[start..moved[start..].find([',', '}']).unwrap() + start]
+        .parse()
+        .unwrap();
+    assert!(
+        in_pipes > 0,
+        "bytes were in the pipe when it moved: {moved}"
+    );
+    // Now the origin reads: every byte, in order, once.
+    let mut buf = vec![0u8; 65536];
+    let mut offset = 0u64;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(20), origin.read(&mut buf))
+            .await
+            .expect("bytes keep coming")
+            .unwrap();
+        if n == 0 {
+            break;
+        }
+        for (i, &b) in buf[..n].iter().enumerate() {
+            assert_eq!(
+                b,
+                byte_at(9, offset + i as u64),
+                "byte {}",
+                offset + i as u64
+            );
+        }
+        offset += n as u64;
+    }
+    assert_eq!(offset, SIZE);
+    println!("in the pipe at the handover: {in_pipes} bytes");
+    drop(writer.await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_while_draining_is_refused_and_the_drain_goes_on() {
+    let world = World::new().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    world.write_config(port, "");
+    let mut running = Running::start(&world.path);
+    let (reply, mut open) = connect(running.proxy, &format!("{HOST}:{port}")).await;
+    assert_eq!(reply.status, 200);
+    running.signal("TERM");
+    wait_for(&running.lines, "draining");
+    running.signal("USR2");
+    assert_eq!(failed(&running, 1), "draining");
+    assert!(!running.log().contains("upgrade: started the new process"));
+    assert_echo(&mut open, b"the drain goes on").await;
+    drop(open);
+    assert_eq!(running.wait_exit(Duration::from_secs(5)), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_twice_in_a_row_upgrades_once() {
+    let world = World::new().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    world.write_config(port, "");
+    let mut running = Running::start(&world.path);
+    let mut generations = Generations::default();
+    let (reply, mut open) = connect(running.proxy, &format!("{HOST}:{port}")).await;
+    assert_eq!(reply.status, 200);
+    running.signal("USR2");
+    running.signal("USR2");
+    let new = handed_over(&running, 1);
+    generations.0.push(new);
+    assert_eq!(running.wait_exit(Duration::from_secs(10)), Some(0));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let log = running.log();
+    let started = log.matches("upgrade: started the new process").count();
+    assert_eq!(started, 1, "one new process\n{log}");
+    // The second signal is either merged with the first by the kernel or, arriving once the
+    // first has finished, refused by the draining old process.
+    let refused = log.matches("upgrade failed").count();
+    assert!(refused <= 1);
+    if refused == 1 {
+        assert_eq!(failed(&running, 1), "draining");
+    }
+    assert_echo(&mut open, b"one upgrade, nothing cut").await;
+    assert!(alive(new));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_during_a_reload_upgrades_to_the_reloaded_config() {
+    let world = World::new().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    world.write_config(port, "");
+    let running = Running::start(&world.path);
+    let mut generations = Generations::default();
+    let (reply, mut open) = connect(running.proxy, &format!("{HOST}:{port}")).await;
+    assert_eq!(reply.status, 200);
+    let other = "other.upgrade.test";
+    world.dns.set(other, &["127.0.0.1".parse().unwrap()], 60);
+    let (refused, _) = connect(running.proxy, &format!("{other}:{port}")).await;
+    assert_eq!(refused.status, 403);
+    let mut text = std::fs::read_to_string(&world.path).unwrap();
+    text.push_str(&format!(
+        "[[rule]]\nname = \"other\"\ndomains = [{other:?}]\nports = [\"{port}\"]\nsni = \"off\"\n"
+    ));
+    std::fs::write(&world.path, text).unwrap();
+    running.signal("HUP");
+    running.signal("USR2");
+    generations.0.push(handed_over(&running, 1));
+    let log = running.log();
+    assert!(log.contains("config reloaded"), "{log}");
+    let (reply, mut fresh) = connect(running.proxy, &format!("{other}:{port}")).await;
+    assert_eq!(reply.status, 200, "the new process runs the reloaded file");
+    assert_echo(&mut fresh, b"new rule").await;
+    assert_echo(&mut open, b"old tunnel").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_on_a_tls_listener_stay_with_the_old_process_until_they_end() {
+    use rustls::pki_types::ServerName;
+    let world = World::new().await;
+    let origin = Origin::echo().await;
+    let port = origin.addr.port();
+    let ca = support::tls::ca();
+    let (cert, key) = ca.write_leaf(world.dir.path());
+    let tls_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    world.write_config(port, "");
+    let mut text = std::fs::read_to_string(&world.path).unwrap();
+    let table = format!(
+        "[[proxy.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = {:?}\nkey = {:?}\n\n",
+        cert.to_str().unwrap(),
+        key.to_str().unwrap()
+    );
+    text = text.replacen("[proxy_protocol]", &format!("{table}[proxy_protocol]"), 1);
+    std::fs::write(&world.path, text).unwrap();
+    let mut running = Running::start(&world.path);
+    let mut generations = Generations::default();
+    let connector = tokio_rustls::TlsConnector::from(ca.client_config());
+    let tls_tunnel = || async {
+        let tcp = TcpStream::connect(("127.0.0.1", tls_port)).await.unwrap();
+        let name = ServerName::try_from(support::tls::GATEWAY).unwrap();
+        let mut tls = connector.connect(name, tcp).await.unwrap();
+        let head = format!("CONNECT {HOST}:{port} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n");
+        tls.write_all(head.as_bytes()).await.unwrap();
+        let mut reply = Vec::new();
+        while !reply.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(tls.read(&mut byte).await.unwrap(), 1);
+            reply.push(byte[0]);
+        }
+        assert!(reply.starts_with(b"HTTP/1.1 200"));
+        tls
+    };
+    let mut over_tls = tls_tunnel().await;
+    echo_tls(&mut over_tls, b"before").await;
+    let (reply, mut plain) = connect(running.proxy, &format!("{HOST}:{port}")).await;
+    assert_eq!(reply.status, 200);
+
+    signal(running.child.id(), "USR2");
+    let new = handed_over(&running, 1);
+    generations.0.push(new);
+    let handed = wait_for(&running.lines, "upgrade: handed over");
+    assert!(
+        handed.contains("\"tunnels\":1"),
+        "only the plain tunnel moves: {handed}"
+    );
+    // The old process keeps the TLS tunnel (its session keys cannot move) ...
+    assert_eq!(running.wait_exit(Duration::from_millis(500)), None);
+    echo_tls(&mut over_tls, b"still in the old process").await;
+    assert_echo(&mut plain, b"in the new process").await;
+    // ... while the new one serves the TLS listener for new clients.
+    let mut fresh = tls_tunnel().await;
+    echo_tls(&mut fresh, b"new TLS client").await;
+    // Once the last TLS tunnel ends, the old process exits.
+    drop(over_tls);
+    assert_eq!(running.wait_exit(Duration::from_secs(5)), Some(0));
+    assert!(alive(new));
+    echo_tls(&mut fresh, b"unaffected").await;
+}
+
+async fn echo_tls(tls: &mut tokio_rustls::client::TlsStream<TcpStream>, data: &[u8]) {
+    tls.write_all(data).await.unwrap();
+    let mut back = vec![0u8; data.len()];
+    tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, data);
 }

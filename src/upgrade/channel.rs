@@ -50,7 +50,10 @@ impl Waiting {
             .map_or(0, |d| d.as_nanos());
         let name = format!("portcullis-upgrade-{}-{nanos}", std::process::id());
         let socket = seqpacket()?;
-        rustix::net::bind(&socket, &SocketAddrUnix::new_abstract_name(name.as_bytes())?)?;
+        rustix::net::bind(
+            &socket,
+            &SocketAddrUnix::new_abstract_name(name.as_bytes())?,
+        )?;
         rustix::net::listen(&socket, 1)?;
         Ok(Waiting { socket, name })
     }
@@ -78,7 +81,10 @@ impl Waiting {
             if peer.pid.as_raw_nonzero().get() as u32 == pid {
                 return Line::new(socket);
             }
-            tracing::warn!(pid = peer.pid.as_raw_nonzero().get(), "upgrade: a stranger connected; ignored");
+            tracing::warn!(
+                pid = peer.pid.as_raw_nonzero().get(),
+                "upgrade: a stranger connected; ignored"
+            );
         }
     }
 }
@@ -87,7 +93,10 @@ impl Line {
     /// The new process's side: connects to the name its parent gave it.
     pub fn connect(name: &str) -> io::Result<Line> {
         let socket = seqpacket()?;
-        rustix::net::connect(&socket, &SocketAddrUnix::new_abstract_name(name.as_bytes())?)?;
+        rustix::net::connect(
+            &socket,
+            &SocketAddrUnix::new_abstract_name(name.as_bytes())?,
+        )?;
         Line::new(socket)
     }
 

@@ -143,7 +143,10 @@ impl Moving {
     /// will poll its sockets.
     pub fn from_wire(record: Record, fds: Vec<OwnedFd>) -> io::Result<Moving> {
         let mut fds = fds.into_iter();
-        let mut next = || fds.next().ok_or_else(|| io::Error::other("descriptor missing"));
+        let mut next = || {
+            fds.next()
+                .ok_or_else(|| io::Error::other("descriptor missing"))
+        };
         let client = socket(next()?)?;
         let origin = socket(next()?)?;
         let up = flow(record.up, &mut next)?;
@@ -195,10 +198,7 @@ fn flow_record(flow: Flow, fds: &mut Vec<OwnedFd>) -> FlowRecord {
     }
 }
 
-fn flow(
-    record: FlowRecord,
-    next: &mut impl FnMut() -> io::Result<OwnedFd>,
-) -> io::Result<Flow> {
+fn flow(record: FlowRecord, next: &mut impl FnMut() -> io::Result<OwnedFd>) -> io::Result<Flow> {
     let pipe = match record.in_pipe {
         Some(in_pipe) => Some(PipeState {
             read_end: next()?,

@@ -98,17 +98,26 @@ pub struct Upgraded {
 #[derive(Serialize, Deserialize, Debug)]
 enum Message {
     /// new → old: config loaded, ready to take over.
-    Ready { pid: u32, version: String },
+    Ready {
+        pid: u32,
+        version: String,
+    },
     /// old → new: one listening socket (attached) of a listener group.
-    Listener { group: String },
+    Listener {
+        group: String,
+    },
     ListenersEnd,
     /// new → old: accepting on them.
     Serving,
     /// old → new: a parked tunnel (sockets and pipes attached).
     Tunnel(Box<Record>),
-    Done { tunnels: usize },
+    Done {
+        tunnels: usize,
+    },
     /// new → old: every tunnel is running here.
-    Took { tunnels: usize },
+    Took {
+        tunnels: usize,
+    },
 }
 
 /// The upgrade plumbing every part of the proxy shares (in [`Shared`]).
@@ -137,7 +146,7 @@ impl State {
 
     /// Gives a parked tunnel to the upgrade in progress; back if there is none. Runs in the
     /// tunnel's task, so its sockets leave the event loop that polls them.
-    pub fn hand(&self, moving: Moving) -> Result<(), Moving> {
+    pub fn hand(&self, moving: Box<Moving>) -> Result<(), Box<Moving>> {
         let collector = self.collector.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = collector.as_ref() else {
             return Err(moving);
@@ -145,7 +154,9 @@ impl State {
         match moving.into_wire() {
             // The receiver lives as long as the collector is set, and it is held here.
             Ok(wire) => drop(tx.send(wire)),
-            Err(e) => tracing::error!(error = %e, "upgrade: a tunnel could not be taken apart; lost"),
+            Err(e) => {
+                tracing::error!(error = %e, "upgrade: a tunnel could not be taken apart; lost")
+            }
         }
         Ok(())
     }
@@ -238,7 +249,9 @@ async fn run(
             sending.send(&Message::ListenersEnd, &[])?;
             match sending.recv(timeout)?.0 {
                 Message::Serving => Ok(()),
-                other => Err(std::io::Error::other(format!("expected Serving: {other:?}"))),
+                other => Err(std::io::Error::other(format!(
+                    "expected Serving: {other:?}"
+                ))),
             }
         })
         .await
@@ -284,10 +297,17 @@ async fn hand_over_tunnels(shared: &Arc<Shared>, line: Arc<Line>) -> usize {
     // request may take to arrive and be dialled.
     let config = &shared.runtime().config.proxy;
     let bound = config.header_timeout + config.connect_timeout + Duration::from_secs(1);
-    if tokio::time::timeout(bound, state.movable.wait()).await.is_err() {
+    if tokio::time::timeout(bound, state.movable.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!("upgrade: connections still opening stay with this process");
     }
-    state.collector.lock().unwrap_or_else(|e| e.into_inner()).take();
+    state
+        .collector
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
     // Tunnels parking from now on find no collector and go on here, on a fresh token.
     *state.park.lock().unwrap_or_else(|e| e.into_inner()) = CancellationToken::new();
     sender.await.unwrap_or(0)

@@ -23,11 +23,16 @@ impl Running {
 
     /// With `Some(n)`, the proxy runs under `ulimit -n n`.
     pub fn start_with_fd_limit(config: &Path, fds: Option<u32>) -> Running {
+        Running::start_program(Path::new(env!("CARGO_BIN_EXE_portcullis")), config, fds)
+    }
+
+    /// The binary at `exe` (a copy a test may replace, as a package upgrade would).
+    pub fn start_program(exe: &Path, config: &Path, fds: Option<u32>) -> Running {
         let limit = fds.map_or(String::new(), |n| format!("ulimit -n {n}; "));
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(format!("{limit}exec \"$0\" --config \"$1\""))
-            .arg(env!("CARGO_BIN_EXE_portcullis"))
+            .arg(exe)
             .arg(config)
             .env("PORTCULLIS_LOG", "info")
             .stdout(Stdio::piped())

@@ -104,6 +104,30 @@ impl TestCa {
         path
     }
 
+    /// Writes the leaf (with the CA after it) and its key as PEM into `dir`, for a
+    /// `[[proxy.tls]]` listener of the binary; returns (cert, key).
+    pub fn write_leaf(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        use base64::Engine;
+        let pem = |label: &str, der: &[u8]| {
+            let body = base64::engine::general_purpose::STANDARD.encode(der);
+            let lines: Vec<&str> = body
+                .as_bytes()
+                .chunks(64)
+                .map(|c| std::str::from_utf8(c).unwrap())
+                .collect();
+            format!(
+                "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+                lines.join("\n")
+            )
+        };
+        let cert = dir.join("leaf.crt");
+        let key = dir.join("leaf.key");
+        let chain = pem("CERTIFICATE", &self.leaf_der) + &pem("CERTIFICATE", &self.ca_der);
+        std::fs::write(&cert, chain).unwrap();
+        std::fs::write(&key, pem("PRIVATE KEY", &self.leaf_key)).unwrap();
+        (cert, key)
+    }
+
     /// The origin's config: the leaf for every name, HTTP/1.1 only (WebSockets upgrade on it).
     pub fn server_config(&self) -> Arc<ServerConfig> {
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.leaf_key.clone()));
