@@ -165,6 +165,7 @@ impl Drop for StopOnDrop {
     fn drop(&mut self) {
         if self.armed {
             self.stop_accepting.cancel();
+            self.shared.upgrade.forget_listeners();
             self.shared.tasks.close();
             self.shared.abort.cancel();
         }
@@ -444,6 +445,7 @@ impl Proxy {
         let shared = &self.shared;
         shared.start_draining();
         stop_accepting.cancel();
+        shared.upgrade.forget_listeners();
         shared.tasks.close();
         let drain_timeout = shared.runtime().config.proxy.drain_timeout;
         tracing::info!(

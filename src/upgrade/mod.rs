@@ -169,6 +169,15 @@ impl State {
         }
     }
 
+    /// Lets the listening sockets go once nothing will accept on them again: a draining
+    /// process must refuse connections, not queue them.
+    pub fn forget_listeners(&self) {
+        self.listening
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     pub fn add_worker(&self, handle: Handle) {
         self.workers
             .lock()

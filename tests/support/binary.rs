@@ -23,11 +23,22 @@ impl Running {
 
     /// With `Some(n)`, the proxy runs under `ulimit -n n`.
     pub fn start_with_fd_limit(config: &Path, fds: Option<u32>) -> Running {
-        Running::start_program(Path::new(env!("CARGO_BIN_EXE_portcullis")), config, fds)
+        Running::start_program(
+            Path::new(env!("CARGO_BIN_EXE_portcullis")),
+            config,
+            fds,
+            &[],
+        )
     }
 
-    /// The binary at `exe` (a copy a test may replace, as a package upgrade would).
-    pub fn start_program(exe: &Path, config: &Path, fds: Option<u32>) -> Running {
+    /// The binary at `exe` (a copy a test may replace, as a package upgrade would), with
+    /// `env` added to its environment.
+    pub fn start_program(
+        exe: &Path,
+        config: &Path,
+        fds: Option<u32>,
+        env: &[(&str, &str)],
+    ) -> Running {
         let limit = fds.map_or(String::new(), |n| format!("ulimit -n {n}; "));
         let mut child = Command::new("sh")
             .arg("-c")
@@ -35,6 +46,7 @@ impl Running {
             .arg(exe)
             .arg(config)
             .env("PORTCULLIS_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
