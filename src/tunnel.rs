@@ -30,8 +30,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::prefixed::ClientStream;
 
-/// Bytes a direction copies through user space before it switches to `splice(2)`.
+/// Bytes a direction copies through user space in large reads before it switches to
+/// `splice(2)`.
 const SPLICE_AFTER: u64 = 256 * 1024;
+
+/// A read at least this large counts towards [`SPLICE_AFTER`]. Smaller reads are frames of an
+/// interactive stream (an AppStream frame is about 1,200 bytes): splicing one costs three
+/// syscalls where copying costs two, so such a direction stays on the copy path however many
+/// bytes it carries over the hours.
+const LARGE_READ: usize = BUFFER / 2;
 
 /// Per-direction buffer. 16 KiB matches a TLS record, the unit streaming traffic arrives in.
 const BUFFER: usize = 16 * 1024;
@@ -213,6 +220,7 @@ impl Flows {
         Flows {
             up: Flow {
                 pending: early.to_vec(),
+                early: true,
                 ..Flow::default()
             },
             down: Flow::default(),
@@ -227,8 +235,10 @@ impl Flows {
 pub struct Flow {
     /// Read from the sender, not yet (all) written to the receiver.
     pub pending: Vec<u8>,
-    /// Copied through user space so far, towards the switch to splicing.
-    pub copied: u64,
+    /// `pending` holds the client's early bytes, not counted yet.
+    pub early: bool,
+    /// Bytes copied in large reads, towards the switch to splicing.
+    pub bulk: u64,
     /// The sender finished and the receiver's write half was shut down.
     pub finished: bool,
     /// The splice pipe, once this direction went bulk, with the bytes it holds.
@@ -474,10 +484,10 @@ async fn forward(
     }
     if !flow.pending.is_empty() {
         tap = show(tap, &flow.pending);
-        if flow.copied == 0 && flow.pipe.is_none() {
+        if flow.early {
             // The client's early bytes, on a tunnel's first start: counted as they go.
             direction.moved(flow.pending.len());
-            flow.copied = flow.pending.len() as u64;
+            flow.early = false;
         }
         write_pending(to, flow).await?;
     }
@@ -515,7 +525,7 @@ enum Copied {
 }
 
 /// The portable path, and the start of every tunnel on the splice path. Stops early once
-/// `flow.copied` reaches `budget`.
+/// `flow.bulk` reaches `budget`.
 ///
 /// Bytes are read into this thread's scratch buffer and written on at once; only what the
 /// receiver cannot take right away is copied into memory the tunnel owns until it is sent. So
@@ -529,7 +539,7 @@ async fn copy_forward(
     flow: &mut Flow,
 ) -> io::Result<Copied> {
     loop {
-        if flow.copied >= budget {
+        if flow.bulk >= budget {
             return Ok(Copied::Bulk);
         }
         let mut step = Step::Nothing;
@@ -555,16 +565,21 @@ async fn copy_forward(
             Step::Eof => return Ok(Copied::Eof),
             Step::Sent(n) => {
                 direction.moved(n);
-                flow.copied += n as u64;
+                flow.bulk += large(n);
             }
             Step::Partly { rest, read } => {
                 direction.moved(read);
-                flow.copied += read as u64;
+                flow.bulk += large(read);
                 flow.pending = rest;
                 write_pending(to, flow).await?;
             }
         }
     }
+}
+
+/// What a read of `n` bytes adds towards splicing.
+fn large(n: usize) -> u64 {
+    if n >= LARGE_READ { n as u64 } else { 0 }
 }
 
 /// Writes `flow.pending` out. Cancel-safe: what is written leaves `pending` at once.

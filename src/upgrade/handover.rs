@@ -61,7 +61,8 @@ pub struct Record {
 struct FlowRecord {
     /// Unsent bytes, base64.
     pending: String,
-    copied: u64,
+    early: bool,
+    bulk: u64,
     finished: bool,
     /// Bytes in the pipe, when the direction was splicing.
     in_pipe: Option<usize>,
@@ -191,7 +192,8 @@ fn flow_record(flow: Flow, fds: &mut Vec<OwnedFd>) -> FlowRecord {
     });
     FlowRecord {
         pending: STANDARD.encode(&flow.pending),
-        copied: flow.copied,
+        early: flow.early,
+        bulk: flow.bulk,
         finished: flow.finished,
         in_pipe,
         pipe_fallback: flow.pipe_fallback,
@@ -209,7 +211,8 @@ fn flow(record: FlowRecord, next: &mut impl FnMut() -> io::Result<OwnedFd>) -> i
     };
     Ok(Flow {
         pending: STANDARD.decode(record.pending).map_err(io::Error::other)?,
-        copied: record.copied,
+        early: record.early,
+        bulk: record.bulk,
         finished: record.finished,
         pipe,
         pipe_fallback: record.pipe_fallback,
