@@ -67,13 +67,6 @@ impl DomainLabel {
             _ => None,
         }
     }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DomainLabel::Host => "host",
-            DomainLabel::RulePattern => "rule_pattern",
-        }
-    }
 }
 
 pub struct Metrics {
