@@ -32,6 +32,9 @@ pub struct Entry {
     pub dns: Option<CachePath>,
     /// The server name of the tunnel's ClientHello, when it was read.
     pub sni: String,
+    /// The metrics' `domain` label when it is not the host: the pattern the rule matched, for a
+    /// rule whose `domain_label` is `rule_pattern`. Not logged: `host` and `rule` say more.
+    pub counted_as: Option<String>,
 }
 
 impl Entry {
@@ -48,6 +51,7 @@ impl Entry {
             resolved: None,
             dns: None,
             sni: String::new(),
+            counted_as: None,
         }
     }
 

@@ -19,6 +19,7 @@ use toml::Spanned;
 use crate::auth::UsersFile;
 use crate::ip_ranges::IpRanges;
 use crate::ip_ranges::fetch::{self, Url};
+use crate::metrics::DomainLabel;
 use crate::net::keepalive::{KeepAlive, MAX_IDLE};
 use crate::rules::{self, Host, Rule, RuleSet};
 use crate::sni::SniMode;
@@ -56,9 +57,30 @@ pub struct Config {
     pub ip_ranges_refresh: Option<IpRangesRefresh>,
     /// `[destinations] allow`: networks reachable despite the special-purpose deny list.
     pub destinations_allow: Vec<IpNet>,
-    /// `[metrics] max_domains`: distinct `domain` label values before `_other`.
-    pub max_domains: usize,
+    pub metrics: MetricsConfig,
     pub rules: RuleSet,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MetricsConfig {
+    /// Distinct `domain` label values before `_other`.
+    pub max_domains: usize,
+    /// The two latency histograms per `rule` and `domain` rather than per `rule` alone. Off by
+    /// default: every bucket is a series, so at 1,000 domains they are most of a scrape.
+    pub domain_histograms: bool,
+    /// What `domain` says for rules that do not set their own `domain_label`.
+    pub domain_label: DomainLabel,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> MetricsConfig {
+        MetricsConfig {
+            max_domains: 1000,
+            domain_histograms: false,
+            domain_label: DomainLabel::Host,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -379,6 +401,8 @@ struct RawAuth {
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
     max_domains: Option<Spanned<i64>>,
+    domain_histograms: Option<bool>,
+    domain_label: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -392,6 +416,7 @@ struct RawRule {
     sni: Option<Spanned<String>>,
     #[serde(default)]
     require_ip_ranges: Vec<Spanned<String>>,
+    domain_label: Option<Spanned<String>>,
 }
 
 impl RawConfig {
@@ -423,11 +448,7 @@ impl RawConfig {
         };
         let ip_ranges_refresh = self.aws_ip_ranges.refresh(base, p);
         let destinations_allow = nets(self.destinations.allow, &[], p);
-        let max_domains = self
-            .metrics
-            .max_domains
-            .as_ref()
-            .map_or(Some(1000), |v| p.check(v, |&n| positive(n, "max_domains")));
+        let metrics = self.metrics.validate(p);
         let rules = validate_rules(
             self.rules,
             aws_ip_ranges.as_ref().and_then(Option::as_deref),
@@ -451,10 +472,38 @@ impl RawConfig {
             aws_ip_ranges: aws_ip_ranges?,
             ip_ranges_refresh: ip_ranges_refresh?,
             destinations_allow,
-            max_domains: max_domains?,
+            metrics: metrics?,
             rules: rules?,
         })
     }
+}
+
+impl RawMetrics {
+    fn validate(&self, p: &mut Problems<'_>) -> Option<MetricsConfig> {
+        let defaults = MetricsConfig::default();
+        let max_domains = self
+            .max_domains
+            .as_ref()
+            .map_or(Some(defaults.max_domains), |v| {
+                p.check(v, |&n| positive(n, "max_domains"))
+            });
+        let domain_label = self
+            .domain_label
+            .as_ref()
+            .map_or(Some(defaults.domain_label), |v| {
+                p.check(v, |s| domain_label(s))
+            });
+        Some(MetricsConfig {
+            max_domains: max_domains?,
+            domain_histograms: self.domain_histograms.unwrap_or(defaults.domain_histograms),
+            domain_label: domain_label?,
+        })
+    }
+}
+
+fn domain_label(s: &str) -> Result<DomainLabel, String> {
+    DomainLabel::parse(s)
+        .ok_or_else(|| format!("domain_label {s:?} must be \"host\" or \"rule_pattern\""))
 }
 
 impl RawIpRanges {
@@ -676,6 +725,10 @@ fn validate_rules(
             .iter()
             .filter_map(|port| p.check(port, |s| rules::parse_port_range(s)))
             .collect();
+        let domain_label = rule
+            .domain_label
+            .as_ref()
+            .and_then(|v| p.check(v, |s| domain_label(s)));
         let sni = rule.sni.as_ref().map_or(Some(SniMode::Enforce), |v| {
             p.check(v, |s| {
                 SniMode::parse(s)
@@ -701,6 +754,7 @@ fn validate_rules(
             ports,
             private_endpoint: rule.private_endpoint,
             sni: sni.unwrap_or_default(),
+            domain_label,
             require_ip_ranges: rule
                 .require_ip_ranges
                 .iter()
@@ -915,6 +969,25 @@ mod tests {
             vec![(Some(3), "[aws_ip_ranges] refresh needs url".to_string())]
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_keys_and_their_defaults() {
+        let rule = "[[rule]]\nname = \"r\"\ndomains = [\"*.example.com\"]\nports = [\"443\"]\n";
+        let config = Config::parse(rule, "t.toml").unwrap();
+        assert_eq!(config.metrics, MetricsConfig::default());
+        assert_eq!(config.rules.rules()[0].domain_label, None);
+        let text = format!(
+            "[metrics]\ndomain_histograms = true\ndomain_label = \"rule_pattern\"\n\n{rule}\
+             domain_label = \"host\"\n"
+        );
+        let config = Config::parse(&text, "t.toml").unwrap();
+        assert!(config.metrics.domain_histograms);
+        assert_eq!(config.metrics.domain_label, DomainLabel::RulePattern);
+        assert_eq!(
+            config.rules.rules()[0].domain_label,
+            Some(DomainLabel::Host)
+        );
     }
 
     #[test]

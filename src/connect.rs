@@ -20,6 +20,7 @@ use hyper::ext::ReasonPhrase;
 use hyper::header::PROXY_AUTHORIZATION;
 use hyper::{Method, Request, Response, StatusCode, Uri};
 use hyper_util::rt::TokioIo;
+use prometheus::Histogram;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -27,11 +28,12 @@ use tokio::time::Instant;
 
 use crate::access_log::Entry;
 use crate::auth::{Authenticator, Denied};
+use crate::config::MetricsConfig;
 use crate::destination::Policy;
 use crate::dns::{CachePath, DnsFailure};
 use crate::error::Reason;
 use crate::ip_ranges::IpRanges;
-use crate::metrics::{DomainMetrics, INVALID, Metrics};
+use crate::metrics::{DomainLabel, DomainMetrics, INVALID, Metrics};
 use crate::net::proxy_protocol::Header;
 use crate::prefixed::{ClientStream, Prefixed};
 use crate::rules::{self, Host, Rule, Verdict};
@@ -109,11 +111,13 @@ pub async fn handle(
                 hello: runtime.config.proxy.header_timeout,
             };
             if let Domain::Matched(handles) = domain {
-                handles.upstream_connect.observe(admitted.connect_seconds);
+                let latency = shared.metrics.latency(&entry.rule, &handles);
+                latency.upstream_connect.observe(admitted.connect_seconds);
                 let permit = permit.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let tunnel = Tunnel {
                     admitted,
                     handles,
+                    tunnel_duration: latency.tunnel_duration,
                     entry,
                     timeouts,
                     permit,
@@ -165,18 +169,30 @@ impl Domain {
     }
 }
 
-/// Only a tunnel that opens earns a label from the allowed-domain budget; everything refused
-/// or failed (even for a host that matched a rule) draws on the refused budget, unless the host
-/// already has a label. Otherwise made-up names under an allowed wildcard could fill
-/// `max_domains` and push real gateways into `_other`.
+/// Only a tunnel that opens earns a host label from the allowed-domain budget; everything
+/// refused or failed (even for a host that matched a rule) draws on the refused budget, unless
+/// the host already has a label. Otherwise made-up names under an allowed wildcard could fill
+/// `max_domains` and push real gateways into `_other`. A rule pattern (`counted_as`) is
+/// labelled whatever the outcome: the config bounds how many there are.
 fn label(metrics: &Metrics, entry: &Entry, reason: Option<&Reason>) -> Domain {
-    match reason {
-        None => Domain::Matched(metrics.domain(&entry.host)),
-        Some(Reason::BadRequest | Reason::AuthRequired | Reason::AuthFailed) => {
+    match (reason, &entry.counted_as) {
+        (None, Some(pattern)) => Domain::Matched(metrics.domain(pattern)),
+        (None, None) => Domain::Matched(metrics.domain(&entry.host)),
+        (Some(Reason::BadRequest | Reason::AuthRequired | Reason::AuthFailed), _) => {
             Domain::Refused(INVALID.to_string())
         }
-        Some(_) if entry.host.is_empty() => Domain::Refused(INVALID.to_string()),
-        Some(_) => Domain::Refused(metrics.refused_label(&entry.host)),
+        (Some(_), Some(pattern)) => Domain::Refused(metrics.domain(pattern).label.clone()),
+        (Some(_), None) if entry.host.is_empty() => Domain::Refused(INVALID.to_string()),
+        (Some(_), None) => Domain::Refused(metrics.refused_label(&entry.host)),
+    }
+}
+
+/// What a request that `rule` matched through `pattern` counts under instead of its host, if
+/// anything.
+fn counted_as(rule: &Rule, pattern: Option<&str>, settings: &MetricsConfig) -> Option<String> {
+    match rule.domain_label.unwrap_or(settings.domain_label) {
+        DomainLabel::Host => None,
+        DomainLabel::RulePattern => pattern.map(str::to_string),
     }
 }
 
@@ -195,6 +211,8 @@ pub type ConnectionPermit = Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>;
 struct Tunnel {
     admitted: Admitted,
     handles: Arc<DomainMetrics>,
+    /// `tunnel_duration_seconds`, for the tunnel's rule (and domain, with `domain_histograms`).
+    tunnel_duration: Histogram,
     entry: Entry,
     timeouts: Timeouts,
     permit: Option<OwnedSemaphorePermit>,
@@ -228,12 +246,12 @@ async fn admit(
         authenticate(auth, request, entry).await?;
     }
     let (host, port) = target(request, entry)?;
-    let verdict = runtime.config.rules.check(&host, port);
-    if let Verdict::PortNotAllowed(rule) = verdict {
+    let (verdict, pattern) = runtime.config.rules.check_matched(&host, port);
+    if let Verdict::Allowed(rule) | Verdict::PortNotAllowed(rule) = verdict {
         entry.rule = rule.name.clone();
+        entry.counted_as = counted_as(rule, pattern, &runtime.config.metrics);
     }
     let rule = rule_decision(verdict)?;
-    entry.rule = rule.name.clone();
     let slot = shared
         .client_slot(entry.client.ip(), runtime.config.max_tunnels_per_client)
         .ok_or(Reason::TooManyTunnels)?;
@@ -466,6 +484,7 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
     let Tunnel {
         admitted,
         handles,
+        tunnel_duration,
         mut entry,
         timeouts,
         permit,
@@ -505,6 +524,7 @@ fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: 
         };
         let live = Live {
             active,
+            tunnel_duration,
             open,
             slot: Some(slot),
             permit,

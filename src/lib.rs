@@ -180,7 +180,7 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: Config) -> Result<Proxy, String> {
-        let metrics = Arc::new(Metrics::new(config.max_domains));
+        let metrics = Arc::new(Metrics::new(&config.metrics));
         let runtime = Runtime::new(config)?;
         Ok(Proxy {
             shared: Arc::new(Shared::new(runtime, metrics)),

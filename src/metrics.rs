@@ -8,8 +8,13 @@
 //! label values; hosts from refused requests get their own, smaller budget
 //! ([`MAX_REFUSED_DOMAINS`]). Past either cap a host counts as `_other`, so a flood of junk
 //! names can neither grow memory without bound nor push real domains out.
+//!
+//! What a scrape costs grows with those label values, so each one gets only a few series: the
+//! request counter, the tunnel gauge and the two byte counters. The latency histograms (every
+//! bucket a series) are per rule unless `domain_histograms` asks for them per domain too: at
+//! 1,000 domains per-domain histograms were 31 of the 35 lines each domain cost a scrape.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -20,9 +25,11 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::config::MetricsConfig;
 use crate::error::{Outcome, Reason};
 use crate::ip_ranges::IpRanges;
 use crate::ip_ranges::refresh::RESULTS;
+use crate::rules::Rule;
 
 /// Label values kept for hosts of refused requests (no rule matched, or not a valid name).
 pub const MAX_REFUSED_DOMAINS: usize = 100;
@@ -40,13 +47,35 @@ const CONNECT_SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// What the `domain` label says for a request whose host matched a rule (`[metrics]
+/// domain_label`, or the rule's own `domain_label`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DomainLabel {
+    /// The requested host: the most detail, but every new name takes one of `max_domains`.
+    #[default]
+    Host,
+    /// The rule pattern the host matched (`*.amazonappstream.com`): one label value however
+    /// many per-session names the pattern admits.
+    RulePattern,
+}
+
+impl DomainLabel {
+    pub fn parse(s: &str) -> Option<DomainLabel> {
+        match s {
+            "host" => Some(DomainLabel::Host),
+            "rule_pattern" => Some(DomainLabel::RulePattern),
+            _ => None,
+        }
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
     tunnels_active: IntGaugeVec,
     tunnel_bytes: IntCounterVec,
-    tunnel_duration: HistogramVec,
-    upstream_connect: HistogramVec,
+    tunnel_duration: Latency,
+    upstream_connect: Latency,
     dns_lookups: IntCounterVec,
     connections_rejected: IntCounterVec,
     connections_accepted: IntCounterVec,
@@ -58,6 +87,9 @@ pub struct Metrics {
     /// Handles per allowed domain label (including `_other`).
     domains: DashMap<String, Arc<DomainMetrics>>,
     max_domains: AtomicUsize,
+    /// `[metrics] domain_histograms`: tunnels opened while it is on observe into series that
+    /// carry `domain` as well as `rule`.
+    domain_histograms: AtomicBool,
     refused: DashMap<String, ()>,
 }
 
@@ -92,12 +124,16 @@ pub struct DomainMetrics {
     pub tunnels_active: IntGauge,
     pub bytes_upstream: IntCounter,
     pub bytes_downstream: IntCounter,
-    pub tunnel_duration: Histogram,
+}
+
+/// The latency histograms one tunnel observes into, resolved when it opens.
+pub struct TunnelLatency {
     pub upstream_connect: Histogram,
+    pub tunnel_duration: Histogram,
 }
 
 impl Metrics {
-    pub fn new(max_domains: usize) -> Metrics {
+    pub fn new(settings: &MetricsConfig) -> Metrics {
         let registry = Registry::new_custom(Some("portcullis".into()), None)
             .expect("a static prefix is valid");
         let requests = IntCounterVec::new(
@@ -116,21 +152,16 @@ impl Metrics {
             &["domain", "direction"],
         )
         .expect("valid metric");
-        let tunnel_duration = HistogramVec::new(
-            HistogramOpts::new("tunnel_duration_seconds", "How long tunnels stayed open")
-                .buckets(TUNNEL_SECONDS.to_vec()),
-            &["domain"],
-        )
-        .expect("valid metric");
-        let upstream_connect = HistogramVec::new(
-            HistogramOpts::new(
-                "upstream_connect_seconds",
-                "DNS plus TCP connect to the origin",
-            )
-            .buckets(CONNECT_SECONDS.to_vec()),
-            &["domain"],
-        )
-        .expect("valid metric");
+        let tunnel_duration = Latency::new(
+            "tunnel_duration_seconds",
+            "How long tunnels stayed open",
+            TUNNEL_SECONDS,
+        );
+        let upstream_connect = Latency::new(
+            "upstream_connect_seconds",
+            "DNS plus TCP connect to the origin",
+            CONNECT_SECONDS,
+        );
         let dns_lookups = IntCounterVec::new(
             Opts::new("dns_lookups_total", "Name lookups by path and result"),
             &["cache", "result"],
@@ -224,7 +255,8 @@ impl Metrics {
             ip_ranges_refreshes,
             ip_ranges,
             domains: DashMap::new(),
-            max_domains: AtomicUsize::new(max_domains),
+            max_domains: AtomicUsize::new(settings.max_domains),
+            domain_histograms: AtomicBool::new(settings.domain_histograms),
             refused: DashMap::new(),
         };
         // `_other` is always present, so the cap below is `max_domains` named labels plus it.
@@ -257,9 +289,22 @@ impl Metrics {
         metrics
     }
 
-    /// A reload may change the cap; labels already handed out stay.
-    pub fn set_max_domains(&self, max_domains: usize) {
-        self.max_domains.store(max_domains, Ordering::Relaxed);
+    /// Applies a config's `[metrics]`, at start and on every reload. A changed cap binds label
+    /// values handed out from now on; those already handed out stay. A changed
+    /// `domain_histograms` applies to tunnels opened from now on; series already exported stay
+    /// and stop moving. Without `domain_histograms`, every rule's histogram series exist from
+    /// here on, so `rate()` sees a rule's first tunnel.
+    pub fn configure(&self, settings: &MetricsConfig, rules: &[Rule]) {
+        self.max_domains
+            .store(settings.max_domains, Ordering::Relaxed);
+        self.domain_histograms
+            .store(settings.domain_histograms, Ordering::Relaxed);
+        if !settings.domain_histograms {
+            for rule in rules {
+                self.upstream_connect.series(&rule.name, None);
+                self.tunnel_duration.series(&rule.name, None);
+            }
+        }
     }
 
     /// Handles for a host that matched a rule.
@@ -284,8 +329,18 @@ impl Metrics {
             tunnels_active: self.tunnels_active.with_label_values(&[label]),
             bytes_upstream: self.tunnel_bytes.with_label_values(&[label, "upstream"]),
             bytes_downstream: self.tunnel_bytes.with_label_values(&[label, "downstream"]),
-            tunnel_duration: self.tunnel_duration.with_label_values(&[label]),
-            upstream_connect: self.upstream_connect.with_label_values(&[label]),
+        }
+    }
+
+    /// The histograms of a tunnel that `rule` admitted and that counts under `domain`.
+    pub fn latency(&self, rule: &str, domain: &DomainMetrics) -> TunnelLatency {
+        let domain = self
+            .domain_histograms
+            .load(Ordering::Relaxed)
+            .then_some(domain.label.as_str());
+        TunnelLatency {
+            upstream_connect: self.upstream_connect.series(rule, domain),
+            tunnel_duration: self.tunnel_duration.series(rule, domain),
         }
     }
 
@@ -405,6 +460,54 @@ impl Metrics {
     }
 }
 
+/// One latency histogram: series per `rule`, and (with `domain_histograms`) per `rule` and
+/// `domain`. Both kinds go out under the one name, so those a reload of `domain_histograms`
+/// left behind stay visible rather than vanish, and `sum by (rule, le)` counts every
+/// observation exactly once whichever kind it went to.
+#[derive(Clone)]
+struct Latency {
+    by_rule: HistogramVec,
+    by_domain: HistogramVec,
+}
+
+impl Latency {
+    fn new(name: &str, help: &str, buckets: &[f64]) -> Latency {
+        let opts = || HistogramOpts::new(name, help).buckets(buckets.to_vec());
+        Latency {
+            by_rule: HistogramVec::new(opts(), &["rule"]).expect("valid metric"),
+            by_domain: HistogramVec::new(opts(), &["rule", "domain"]).expect("valid metric"),
+        }
+    }
+
+    fn series(&self, rule: &str, domain: Option<&str>) -> Histogram {
+        match domain {
+            None => self.by_rule.with_label_values(&[rule]),
+            Some(domain) => self.by_domain.with_label_values(&[rule, domain]),
+        }
+    }
+}
+
+impl Collector for Latency {
+    /// The per-rule description alone: the registry refuses two descriptions of one name with
+    /// different label names, and the per-domain series join its family in `collect`.
+    fn desc(&self) -> Vec<&Desc> {
+        self.by_rule.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.by_rule.collect();
+        let by_domain = self.by_domain.collect();
+        if let Some(family) = families.first_mut() {
+            for mut more in by_domain {
+                for metric in more.take_metric() {
+                    family.mut_metric().push(metric);
+                }
+            }
+        }
+        families
+    }
+}
+
 /// `ip_ranges_age_seconds` and `ip_ranges_sync_token`: exported only while a set is loaded, so
 /// a proxy without `[aws_ip_ranges]` shows no age to alert on. The age is computed at each
 /// scrape, so it grows between refreshes without a timer.
@@ -467,9 +570,16 @@ fn process_metrics() -> Vec<prometheus::proto::MetricFamily> {
 mod tests {
     use super::*;
 
+    fn metrics(max_domains: usize) -> Metrics {
+        Metrics::new(&MetricsConfig {
+            max_domains,
+            ..MetricsConfig::default()
+        })
+    }
+
     #[test]
     fn allowed_domains_are_capped() {
-        let m = Metrics::new(2);
+        let m = metrics(2);
         assert_eq!(m.domain("a.example.com").label, "a.example.com");
         assert_eq!(m.domain("b.example.com").label, "b.example.com");
         assert_eq!(m.domain("c.example.com").label, OTHER);
@@ -478,7 +588,7 @@ mod tests {
 
     #[test]
     fn refused_names_cannot_crowd_out_allowed_ones() {
-        let m = Metrics::new(10);
+        let m = metrics(10);
         for i in 0..50_000 {
             m.refused_label(&format!("junk{i}.example.net"));
         }
@@ -490,11 +600,98 @@ mod tests {
         );
     }
 
+    /// Lines of the exposition that carry `label="value"`.
+    fn lines_with(text: &str, label: &str, value: &str) -> usize {
+        let needle = format!("{label}=\"{value}\"");
+        text.lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    #[test]
+    fn a_thousand_domains_cost_a_few_series_each() {
+        let m = metrics(1000);
+        for i in 0..1000 {
+            let host = format!("session-{i:04}.streaming.appstream2.us-east-1.on.aws");
+            let handles = m.domain(&host);
+            m.request(&handles.label, "gateway", None);
+            handles.bytes_upstream.inc_by(100);
+            let latency = m.latency("gateway", &handles);
+            latency.upstream_connect.observe(0.01);
+            latency.tunnel_duration.observe(60.0);
+        }
+        let text = m.encode();
+        let host = "session-0042.streaming.appstream2.us-east-1.on.aws";
+        assert_eq!(lines_with(&text, "domain", host), 4, "{text}");
+        assert!(text.len() <= 600_000, "{} bytes", text.len());
+        assert_eq!(
+            sample(
+                &text,
+                "portcullis_upstream_connect_seconds_count{rule=\"gateway\"}"
+            ),
+            1000.0
+        );
+    }
+
+    fn sample(text: &str, series: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    #[test]
+    fn domain_histograms_add_the_domain_from_the_next_tunnel_on() {
+        let m = metrics(10);
+        let gw = m.domain("gw1.amazonappstream.com");
+        m.latency("gw", &gw).upstream_connect.observe(0.01);
+        let count = "portcullis_upstream_connect_seconds_count";
+        let by_rule = format!("{count}{{rule=\"gw\"}}");
+        let by_domain = format!("{count}{{domain=\"gw1.amazonappstream.com\",rule=\"gw\"}}");
+        let text = m.encode();
+        assert_eq!(sample(&text, &by_rule), 1.0, "{text}");
+        assert!(!text.contains(&by_domain), "{text}");
+
+        let on = MetricsConfig {
+            domain_histograms: true,
+            ..MetricsConfig::default()
+        };
+        m.configure(&on, &[]);
+        m.latency("gw", &gw).upstream_connect.observe(0.01);
+        let text = m.encode();
+        // One family; the per-rule series stays and stops moving, so sums by rule still count
+        // each tunnel once.
+        assert_eq!(sample(&text, &by_rule), 1.0, "{text}");
+        assert_eq!(sample(&text, &by_domain), 1.0, "{text}");
+        let family = "# TYPE portcullis_upstream_connect_seconds histogram";
+        assert_eq!(text.matches(family).count(), 1, "{text}");
+
+        m.configure(&MetricsConfig::default(), &[]);
+        m.latency("gw", &gw).upstream_connect.observe(0.01);
+        let text = m.encode();
+        assert_eq!(sample(&text, &by_rule), 2.0, "{text}");
+        assert_eq!(sample(&text, &by_domain), 1.0, "{text}");
+    }
+
+    #[test]
+    fn every_rule_has_its_histograms_before_its_first_tunnel() {
+        let m = metrics(10);
+        let config = crate::Config::embedded();
+        m.configure(&config.metrics, config.rules.rules());
+        let text = m.encode();
+        for rule in config.rules.rules() {
+            let series = format!(
+                "portcullis_tunnel_duration_seconds_count{{rule=\"{}\"}} 0",
+                rule.name
+            );
+            assert!(text.contains(&series), "{series} missing from\n{text}");
+        }
+    }
+
     #[test]
     fn exposition_has_the_contract_names() {
-        let m = Metrics::new(10);
+        let m = metrics(10);
         m.request("gw.amazonappstream.com", "gw", None);
-        m.domain("gw.amazonappstream.com").bytes_upstream.inc_by(5);
+        let gw = m.domain("gw.amazonappstream.com");
+        gw.bytes_upstream.inc_by(5);
+        m.latency("gw", &gw).tunnel_duration.observe(1.0);
         let text = m.encode();
         for name in [
             "portcullis_requests_total",
@@ -514,7 +711,7 @@ mod tests {
 
     #[test]
     fn ip_ranges_gauges_exist_only_with_a_set() {
-        let m = Metrics::new(10);
+        let m = metrics(10);
         assert!(!m.encode().contains("portcullis_ip_ranges_age_seconds"));
         let set = IpRanges::parse(
             r#"{"syncToken": "1700000000", "createDate": "2020-01-01-00-00-00", "prefixes": []}"#,

@@ -13,6 +13,7 @@ use globset::{GlobBuilder, GlobMatcher};
 use rustc_hash::FxHashMap;
 
 use crate::error::Reason;
+use crate::metrics::DomainLabel;
 use crate::sni::SniMode;
 
 /// RFC 1035 limits, the ones resolvers enforce too.
@@ -140,6 +141,9 @@ pub struct Rule {
     /// AWS services (`ip-ranges.json` `service` values) whose published prefixes the
     /// connected address must lie in; empty: no such check.
     pub require_ip_ranges: Vec<String>,
+    /// What the metrics' `domain` label says for hosts this rule matches; `None`: `[metrics]
+    /// domain_label`.
+    pub domain_label: Option<DomainLabel>,
 }
 
 impl Rule {
@@ -193,6 +197,8 @@ pub struct RuleSet {
 #[derive(Debug, Clone)]
 struct Pattern {
     rule: usize,
+    /// Which of the rule's `domains` it was compiled from.
+    domain: usize,
     /// A leading `*.`: one or more whole labels before `labels`.
     leading_any: bool,
     /// The remaining labels, left to right.
@@ -233,7 +239,7 @@ impl Label {
 }
 
 impl Pattern {
-    fn parse(pattern: &str, rule: usize) -> Result<Pattern, String> {
+    fn parse(pattern: &str, rule: usize, domain: usize) -> Result<Pattern, String> {
         let (leading_any, rest) = match pattern.strip_prefix("*.") {
             Some(rest) => (true, rest),
             None => (false, pattern),
@@ -244,6 +250,7 @@ impl Pattern {
             .collect::<Result<_, _>>()?;
         Ok(Pattern {
             rule,
+            domain,
             leading_any,
             labels,
         })
@@ -287,8 +294,8 @@ impl RuleSet {
         let mut suffix_lengths = 0u64;
         let mut unindexed = Vec::new();
         for (index, rule) in rules.iter().enumerate() {
-            for domain in &rule.domains {
-                let pattern = Pattern::parse(domain, index)
+            for (k, domain) in rule.domains.iter().enumerate() {
+                let pattern = Pattern::parse(domain, index, k)
                     .map_err(|e| format!("pattern {domain:?}: {e}"))?;
                 let suffix = pattern.literal_suffix();
                 if suffix.is_empty() {
@@ -319,14 +326,22 @@ impl RuleSet {
     /// Checks a validated, lowercased host name (see [`parse_host`]) and a port. Among the
     /// rules whose patterns match, the first in config order that allows the port wins.
     pub fn check(&self, host: &str, port: u16) -> Verdict<'_> {
+        self.check_matched(host, port).0
+    }
+
+    /// [`check`](Self::check), and the pattern through which the verdict's rule matched `host`
+    /// (the rule's first that matches; `None` with [`Verdict::NoRule`]).
+    pub fn check_matched(&self, host: &str, port: u16) -> (Verdict<'_>, Option<&str>) {
         if host.len() > MAX_NAME_LEN {
-            return Verdict::NoRule;
+            return (Verdict::NoRule, None);
         }
         let host = HostLabels::new(host);
         let suffixes = (1..=host.count())
             .filter(|&labels| self.suffix_lengths & length_bit(labels) != 0)
             .filter_map(|labels| self.by_suffix.get(host.suffix(labels)));
         let candidates = suffixes.flatten().chain(&self.unindexed);
+        // Patterns are numbered rule by rule in config order, so the lowest number is the
+        // first rule's first pattern.
         let mut first_match: Option<usize> = None;
         let mut first_allowed: Option<usize> = None;
         for &index in candidates {
@@ -334,16 +349,26 @@ impl RuleSet {
             if !pattern.matches(&host) {
                 continue;
             }
-            let rule = pattern.rule;
-            first_match = Some(first_match.map_or(rule, |r| r.min(rule)));
-            if self.rules[rule].allows_port(port) {
-                first_allowed = Some(first_allowed.map_or(rule, |r| r.min(rule)));
+            first_match = Some(first_match.map_or(index, |i| i.min(index)));
+            if self.rules[pattern.rule].allows_port(port) {
+                first_allowed = Some(first_allowed.map_or(index, |i| i.min(index)));
             }
         }
+        let source = |index: usize| {
+            let pattern = &self.patterns[index];
+            let rule = &self.rules[pattern.rule];
+            (rule, Some(rule.domains[pattern.domain].as_str()))
+        };
         match (first_allowed, first_match) {
-            (Some(rule), _) => Verdict::Allowed(&self.rules[rule]),
-            (None, Some(rule)) => Verdict::PortNotAllowed(&self.rules[rule]),
-            (None, None) => Verdict::NoRule,
+            (Some(index), _) => {
+                let (rule, pattern) = source(index);
+                (Verdict::Allowed(rule), pattern)
+            }
+            (None, Some(index)) => {
+                let (rule, pattern) = source(index);
+                (Verdict::PortNotAllowed(rule), pattern)
+            }
+            (None, None) => (Verdict::NoRule, None),
         }
     }
 }
@@ -492,6 +517,7 @@ mod tests {
             private_endpoint,
             sni: SniMode::Enforce,
             require_ip_ranges: Vec::new(),
+            domain_label: None,
         }
     }
 
@@ -602,6 +628,26 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(set.check("x.example.com", 8443), Verdict::Allowed(r) if r.name == "b"));
+    }
+
+    #[test]
+    fn the_pattern_that_matched_comes_from_the_deciding_rule() {
+        let set = RuleSet::new(vec![
+            rule(
+                "a",
+                &["y.example.com", "*.example.com", "x.*.com"],
+                &["443"],
+                false,
+            ),
+            rule("b", &["x.example.com"], &["8443"], false),
+        ])
+        .unwrap();
+        let pattern = |host, port| set.check_matched(host, port).1;
+        assert_eq!(pattern("x.example.com", 443), Some("*.example.com"));
+        assert_eq!(pattern("x.example.com", 8443), Some("x.example.com"));
+        assert_eq!(pattern("y.example.com", 443), Some("y.example.com"));
+        assert_eq!(pattern("z.example.com", 22), Some("*.example.com"));
+        assert_eq!(pattern("example.net", 443), None);
     }
 
     #[test]

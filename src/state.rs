@@ -128,6 +128,7 @@ impl Shared {
         let keepalive = runtime.config.proxy.tcp_keepalive;
         let ip_ranges = runtime.config.aws_ip_ranges.clone();
         metrics.ip_ranges_loaded(ip_ranges.as_deref());
+        metrics.configure(&runtime.config.metrics, runtime.config.rules.rules());
         Shared {
             runtime: ArcSwap::from_pointee(runtime),
             ip_ranges: ArcSwapOption::new(ip_ranges),
@@ -165,7 +166,8 @@ impl Shared {
         );
         writer.replace(kept);
         self.resize_connections(runtime.config.proxy.max_connections);
-        self.metrics.set_max_domains(runtime.config.max_domains);
+        self.metrics
+            .configure(&runtime.config.metrics, runtime.config.rules.rules());
         self.keepalive
             .store(Arc::new(runtime.config.proxy.tcp_keepalive));
         self.runtime.store(Arc::new(runtime));

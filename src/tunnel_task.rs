@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use prometheus::Histogram;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -43,6 +44,8 @@ impl Drop for ActiveTunnel {
 /// and its `max_connections` permit, all given back when it ends or moves away.
 pub struct Live {
     pub active: ActiveTunnel,
+    /// `tunnel_duration_seconds` for the tunnel's rule (and domain, when configured).
+    pub tunnel_duration: Histogram,
     pub open: Registered,
     pub slot: Option<ClientSlot>,
     pub permit: Option<OwnedSemaphorePermit>,
@@ -137,12 +140,18 @@ pub async fn resume(shared: Arc<Shared>, moving: Moving) {
         plain,
     } = moving;
     let token = shared.upgrade.movable.token();
-    let handles = shared.metrics.domain(&entry.host);
+    let label = entry.counted_as.as_deref().unwrap_or(&entry.host);
+    let handles = shared.metrics.domain(label);
+    let tunnel_duration = shared
+        .metrics
+        .latency(&entry.rule, &handles)
+        .tunnel_duration;
     let age = SystemTime::now().duration_since(opened).unwrap_or_default();
     let open = OpenTunnel::resumed(entry.client, &entry.host, entry.port, &entry.rule, opened);
     open.bytes.add(bytes);
     let live = Live {
         active: ActiveTunnel::new(handles),
+        tunnel_duration,
         open: shared.status.open.register(open),
         // Counted, never refused: the tunnel is already open.
         slot: shared.client_slot(entry.client.ip(), 0),
@@ -204,9 +213,6 @@ fn close(shared: &Shared, live: Live, entry: &Entry, totals: Totals) {
         shared.metrics.pipe_fallback();
     }
     let duration = live.started.elapsed();
-    live.active
-        .0
-        .tunnel_duration
-        .observe(duration.as_secs_f64());
+    live.tunnel_duration.observe(duration.as_secs_f64());
     entry.closed(&totals, duration);
 }

@@ -551,17 +551,13 @@ async fn tunnels_active_follows_open_tunnels() {
     );
     assert_eq!(
         proxy
-            .metric(&format!(
-                "portcullis_tunnel_duration_seconds_count{{domain=\"{GATEWAY}\"}}"
-            ))
+            .metric("portcullis_tunnel_duration_seconds_count{rule=\"appstream-gateway\"}")
             .await,
         2.0
     );
     assert_eq!(
         proxy
-            .metric(&format!(
-                "portcullis_upstream_connect_seconds_count{{domain=\"{GATEWAY}\"}}"
-            ))
+            .metric("portcullis_upstream_connect_seconds_count{rule=\"appstream-gateway\"}")
             .await,
         2.0
     );

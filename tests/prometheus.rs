@@ -148,13 +148,12 @@ fn lo() -> Vec<IpAddr> {
     vec!["127.0.0.1".parse().unwrap()]
 }
 
-/// A proxy with two extra rules on the echo origin's port: an ordinary one and a
-/// `private_endpoint` one; and an ip-ranges file, so its gauges are exported too.
-async fn proxy_with_origin() -> (TestProxy, Origin) {
-    let origin = Origin::echo().await;
+/// Two extra rules on the echo origin's port: an ordinary one and a `private_endpoint` one;
+/// and an ip-ranges file, so its gauges are exported too.
+fn scrape_setup(origin: &Origin) -> Setup {
     let port = origin.addr.port();
     let ranges = std::fs::canonicalize("tests/fixtures/ip-ranges.json").unwrap();
-    let proxy = start(Setup {
+    Setup {
         extra_rules: format!(
             "[[rule]]\nname = \"scrape\"\ndomains = [\"{DOMAIN}\"]\nports = [\"{port}\"]\n\n\
              [[rule]]\nname = \"scrape-endpoint\"\ndomains = [\"{ENDPOINT_DOMAIN}\"]\n\
@@ -162,8 +161,13 @@ async fn proxy_with_origin() -> (TestProxy, Origin) {
             ranges.to_str().unwrap()
         ),
         ..Setup::default()
-    })
-    .await;
+    }
+}
+
+/// A proxy with [`scrape_setup`]'s rules, and the echo origin they lead to.
+async fn proxy_with_origin() -> (TestProxy, Origin) {
+    let origin = Origin::echo().await;
+    let proxy = start(scrape_setup(&origin)).await;
     proxy.dns.set(DOMAIN, &lo(), 60);
     proxy.dns.set(ENDPOINT_DOMAIN, &lo(), 60);
     (proxy, origin)
@@ -226,9 +230,8 @@ async fn drive(proxy: &TestProxy, origin: &Origin) -> Traffic {
                 "portcullis_tunnel_bytes_total{{direction=\"downstream\",domain=\"{DOMAIN}\"}}"
             )) == traffic.bytes as f64
             && value(&support::active_series(DOMAIN)) == 0.0
-            && value(&format!(
-                "portcullis_tunnel_duration_seconds_count{{domain=\"{DOMAIN}\"}}"
-            )) == traffic.tunnels as f64
+            && value("portcullis_tunnel_duration_seconds_count{rule=\"scrape\"}")
+                == traffic.tunnels as f64
     })
     .await;
     assert!(
@@ -649,17 +652,37 @@ async fn metrics_pass_promtool_check_metrics() {
     let text = proxy.metrics().await;
     // What the check must see: histograms with buckets, and labelled series of each kind.
     for needle in [
-        format!("portcullis_upstream_connect_seconds_bucket{{domain=\"{DOMAIN}\",le=\"+Inf\"}}"),
-        format!("portcullis_tunnel_duration_seconds_bucket{{domain=\"{DOMAIN}\",le=\"0.1\"}}"),
-        "reason=\"domain_not_allowed\"".to_string(),
-        "reason=\"dns_nxdomain\"".to_string(),
-        "portcullis_dns_lookups_total{cache=\"bypass\",result=\"ok\"}".to_string(),
-        "process_open_fds ".to_string(),
+        "portcullis_upstream_connect_seconds_bucket{rule=\"scrape\",le=\"+Inf\"}",
+        "portcullis_tunnel_duration_seconds_bucket{rule=\"scrape\",le=\"0.1\"}",
+        "reason=\"domain_not_allowed\"",
+        "reason=\"dns_nxdomain\"",
+        "portcullis_dns_lookups_total{cache=\"bypass\",result=\"ok\"}",
+        "process_open_fds ",
     ] {
-        assert!(text.contains(&needle), "{needle} missing from\n{text}");
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
     }
+    promtool_check_metrics(&promtool, &text).await;
+
+    // `domain_histograms` turned on by a reload: per-rule and per-domain series in one family.
+    let mut setup = scrape_setup(&origin);
+    setup.metrics = "domain_histograms = true".into();
+    let config = portcullis::Config::parse(&setup.to_toml(proxy.dns.addr), "reload.toml");
+    proxy
+        .proxy
+        .reload(config.map_err(|e| e.to_string()))
+        .unwrap();
+    tunnel(&proxy, &origin, DOMAIN, 10).await;
+    let needle = format!(
+        "portcullis_upstream_connect_seconds_bucket{{domain=\"{DOMAIN}\",rule=\"scrape\",le=\"+Inf\"}} 1"
+    );
+    let text = proxy.metrics().await;
+    assert!(text.contains(&needle), "{needle} missing from\n{text}");
+    promtool_check_metrics(&promtool, &text).await;
+}
+
+async fn promtool_check_metrics(promtool: &Path, text: &str) {
     let (ok, output) = run(
-        Command::new(&promtool).args(["check", "metrics"]),
+        Command::new(promtool).args(["check", "metrics"]),
         text.as_bytes(),
         Duration::from_secs(20),
     )
@@ -769,6 +792,7 @@ async fn prometheus_scrapes_what_the_proxy_counts() {
         "portcullis_requests_total",
         "portcullis_tunnel_bytes_total",
         "portcullis_tunnels_active",
+        "portcullis_upstream_connect_seconds_count",
     ];
     let matched = poll(Duration::from_secs(15), || async {
         let text = proxy.metrics().await;

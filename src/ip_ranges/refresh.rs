@@ -357,6 +357,7 @@ mod tests {
             private_endpoint: false,
             sni: SniMode::Enforce,
             require_ip_ranges: services.iter().map(|s| s.to_string()).collect(),
+            domain_label: None,
         }])
         .unwrap()
     }

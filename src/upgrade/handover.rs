@@ -47,6 +47,7 @@ pub struct Record {
     resolved: Option<SocketAddr>,
     dns: Option<String>,
     sni: String,
+    counted_as: Option<String>,
     opened_unix_ms: u64,
     bytes_upstream: u64,
     bytes_downstream: u64,
@@ -127,6 +128,7 @@ impl Moving {
             resolved: entry.resolved,
             dns: entry.dns.map(|d| d.as_str().to_string()),
             sni: entry.sni,
+            counted_as: entry.counted_as,
             opened_unix_ms: opened
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64),
@@ -168,6 +170,7 @@ impl Moving {
                 _ => None,
             },
             sni: record.sni,
+            counted_as: record.counted_as,
         };
         Ok(Moving {
             entry,

@@ -79,6 +79,8 @@ pub struct Setup {
     pub destinations_allow: Vec<&'static str>,
     pub clients_allow: Vec<&'static str>,
     pub max_domains: usize,
+    /// More `[metrics]` keys, as TOML lines.
+    pub metrics: String,
     /// `[dns] hosts` entries as TOML inline-table body, e.g. `"a.b" = ["127.0.0.1"]`.
     pub dns_hosts: String,
     /// Extra `[[rule]]` tables appended after the default profile's.
@@ -116,6 +118,7 @@ impl Default for Setup {
             destinations_allow: vec!["127.0.0.0/8", "::1/128"],
             clients_allow: vec!["0.0.0.0/0", "::/0"],
             max_domains: 1000,
+            metrics: String::new(),
             dns_hosts: String::new(),
             extra_rules: String::new(),
             max_tunnels_per_client: 0,
@@ -149,7 +152,7 @@ impl Setup {
              tcp_keepalive = {:?}\n\n{}\n[proxy_protocol]\ntrusted = [{}]\n\n[admin]\nlisten = \"127.0.0.1:0\"\nadvertise = \"proxy.test:3128\"\n\n\
              [dns]\nservers = [\"{dns}\"]\ncache_size = {}\nhosts = {{ {} }}\n\n\
              [clients]\nallow = [{}]\nallow_cert_names = [{}]\nmax_tunnels_per_client = {}\n\n{}\
-             [destinations]\nallow = [{}]\n\n[metrics]\nmax_domains = {}\n\n{}\n{}\n",
+             [destinations]\nallow = [{}]\n\n[metrics]\nmax_domains = {}\n{}\n{}\n{}\n",
             self.max_connections,
             self.header_timeout,
             self.connect_timeout,
@@ -169,6 +172,7 @@ impl Setup {
                 .map_or(String::new(), |f| format!("[auth]\nusers_file = {f:?}\n\n")),
             list(&self.destinations_allow),
             self.max_domains,
+            self.metrics,
             &portcullis::config::DEFAULT_CONFIG[rules_start..],
             self.extra_rules,
         )
