@@ -28,6 +28,9 @@ use crate::tls::{self, TlsListener};
 /// The AppStream profile, compiled in so a bare `portcullis` is useful.
 pub const DEFAULT_CONFIG: &str = include_str!("../config/portcullis.toml");
 
+/// `[admin] listen` when the file does not set it.
+const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+
 /// A loaded config. Cheap to share behind an `Arc`; never changed once built.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -195,6 +198,28 @@ impl Config {
     pub fn embedded() -> Config {
         Config::parse(DEFAULT_CONFIG, "<embedded default>")
             .expect("the embedded default config is valid (tested)")
+    }
+
+    /// `[admin] listen` alone, the rest of the file unread; `Ok(None)` when the admin listener
+    /// is off. For `portcullis healthcheck`, which must find a running proxy's admin port even
+    /// after its file gained an error elsewhere: the proxy refused that file on reload and
+    /// serves on with its old config, so it is still healthy.
+    pub fn admin_listen(text: &str) -> Result<Option<SocketAddr>, String> {
+        #[derive(Deserialize)]
+        struct File {
+            #[serde(default)]
+            admin: Admin,
+        }
+        #[derive(Deserialize, Default)]
+        struct Admin {
+            listen: Option<String>,
+        }
+        let file: File = toml::from_str(text).map_err(|e| e.message().trim().to_string())?;
+        match file.admin.listen.as_deref() {
+            None => Ok(Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid literal"))),
+            Some("") => Ok(None),
+            Some(listen) => socket_addr(listen, None).map(Some),
+        }
     }
 
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -625,7 +650,7 @@ impl RawTls {
 impl RawAdmin {
     fn validate(self, proxy: Option<&ProxyConfig>, p: &mut Problems<'_>) -> Option<AdminConfig> {
         let listen = match &self.listen {
-            None => Some(Some("127.0.0.1:9090".parse().expect("valid literal"))),
+            None => Some(Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid literal"))),
             Some(v) if v.get_ref().is_empty() => Some(None),
             Some(v) => p.check(v, |s| socket_addr(s, None)).map(Some),
         };
@@ -892,6 +917,29 @@ mod tests {
         assert_eq!(config.proxy.listen, vec!["127.0.0.1:3128".parse().unwrap()]);
         assert_eq!(config.admin.advertise, "127.0.0.1:3128");
         assert!(config.rules.rules().iter().any(|r| r.private_endpoint));
+    }
+
+    #[test]
+    fn admin_listen_alone() {
+        let embedded = Config::admin_listen(DEFAULT_CONFIG).unwrap();
+        assert_eq!(embedded, Config::embedded().admin.listen);
+        assert_eq!(
+            Config::admin_listen("").unwrap(),
+            Some("127.0.0.1:9090".parse().unwrap())
+        );
+        assert_eq!(
+            Config::admin_listen("[admin]\nlisten = \"\"\n").unwrap(),
+            None
+        );
+        // The rest of the file may be wrong: only the admin address is read.
+        let broken = "[proxy]\nlisten = 3\n[admin]\nlisten = \"[::]:9191\"\n[[rule]]\nname = 1\n";
+        assert!(Config::parse(broken, "t").is_err());
+        assert_eq!(
+            Config::admin_listen(broken).unwrap(),
+            Some("[::]:9191".parse().unwrap())
+        );
+        assert!(Config::admin_listen("[admin]\nlisten = \"nowhere\"\n").is_err());
+        assert!(Config::admin_listen("[admin\n").is_err());
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - [`metrics`]: the Prometheus registry and per-domain handles.
 //! - [`explain`]: would a CONNECT pass, and why (`portcullis explain`, `/explain`).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac`, `/explain`.
+//! - [`healthcheck`]: `portcullis healthcheck`, the client side of `/healthz` and `/readyz` that
+//!   a container's `HEALTHCHECK` runs.
 //! - [`access_log`]: the decision and tunnel-close events.
 //! - [`log_writer`]: the batching, never-blocking stdout sink behind the logs.
 //! - [`log_format`]: the JSON log line, written without serde.
@@ -43,6 +45,7 @@ pub mod destination;
 pub mod dns;
 pub mod error;
 pub mod explain;
+pub mod healthcheck;
 pub mod ip_ranges;
 pub mod log_format;
 pub mod log_writer;

@@ -42,6 +42,9 @@ struct Args {
 enum Command {
     /// Would a CONNECT to HOST:PORT pass, and why. Exit 0: allowed; 1: refused; 2: error.
     Explain(ExplainArgs),
+    /// Probe a running proxy's admin listener (a container HEALTHCHECK). Exit 0: it answered
+    /// 200; 1: anything else, with one line saying why.
+    Healthcheck(HealthcheckArgs),
 }
 
 #[derive(clap::Args)]
@@ -57,6 +60,35 @@ struct ExplainArgs {
     no_resolve: bool,
 }
 
+#[derive(clap::Args)]
+struct HealthcheckArgs {
+    /// The config the proxy runs with: its `[admin] listen` is probed, on loopback when it is
+    /// 0.0.0.0 or [::]. Only that key is read. Without it, the embedded profile's 127.0.0.1:9090.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Probe the admin listener at this address instead of the config's.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["config", "url"])]
+    admin: Option<String>,
+    /// GET this http:// URL as given instead.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["config", "ready"])]
+    url: Option<String>,
+    /// GET /readyz instead of /healthz, so a draining proxy (503) fails the check too.
+    #[arg(long)]
+    ready: bool,
+    /// For the whole probe: connect, request, status line (e.g. 500ms, 2s).
+    // 2s: below the image's HEALTHCHECK --timeout=3s, so the probe says why before the
+    // runtime gives up on it.
+    #[arg(long, value_name = "DURATION", value_parser = timeout, default_value = "2s")]
+    timeout: std::time::Duration,
+}
+
+fn timeout(s: &str) -> Result<std::time::Duration, String> {
+    match portcullis::config::parse_duration(s) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!("{s:?} is not a duration like 500ms or 2s")),
+    }
+}
+
 /// `explain`'s exit code for a config it cannot use (as clap's for a usage error).
 const EXIT_ERROR: u8 = 2;
 
@@ -70,17 +102,26 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    if let Some(Command::Explain(explain_args)) = args.command {
-        if args.check || args.print_default_config {
-            Args::command()
-                .error(
-                    clap::error::ErrorKind::ArgumentConflict,
-                    "--check and --print-default-config do not go with explain",
-                )
-                .exit();
+    if args.command.is_some() && (args.check || args.print_default_config) {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--check and --print-default-config do not go with a subcommand",
+            )
+            .exit();
+    }
+    match args.command {
+        Some(Command::Explain(explain_args)) => {
+            let config = explain_args.config.clone().or(args.config);
+            return explain(explain_args, config);
         }
-        let config = explain_args.config.clone().or(args.config);
-        return explain(explain_args, config);
+        Some(Command::Healthcheck(mut healthcheck_args)) => {
+            if healthcheck_args.admin.is_none() && healthcheck_args.url.is_none() {
+                healthcheck_args.config = healthcheck_args.config.or(args.config);
+            }
+            return healthcheck(healthcheck_args);
+        }
+        None => {}
     }
     if args.print_default_config {
         print!("{}", portcullis::config::DEFAULT_CONFIG);
@@ -188,6 +229,60 @@ fn explain(args: ExplainArgs, config: Option<PathBuf>) -> ExitCode {
             eprintln!("portcullis explain: {e}");
             ExitCode::from(EXIT_ERROR)
         }
+    }
+}
+
+/// `portcullis healthcheck`: one line on stdout when healthy, on stderr when not. Every failure
+/// exits 1, a config it cannot read too: Docker reserves 2, and a probe has only two answers.
+fn healthcheck(args: HealthcheckArgs) -> ExitCode {
+    use portcullis::healthcheck::{Check, Probe};
+    let check = if args.ready {
+        Check::Ready
+    } else {
+        Check::Live
+    };
+    let probe = if let Some(url) = &args.url {
+        Probe::url(url, args.timeout)
+    } else if let Some(admin) = &args.admin {
+        Ok(Probe::address(admin, check, args.timeout))
+    } else {
+        let (text, source) = match &args.config {
+            Some(path) => (
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: cannot read: {e}", path.display())),
+                path.display().to_string(),
+            ),
+            None => (
+                Ok(portcullis::config::DEFAULT_CONFIG.to_string()),
+                "<embedded default>".to_string(),
+            ),
+        };
+        text.and_then(|text| Config::admin_listen(&text).map_err(|e| format!("{source}: {e}")))
+            .and_then(|listen| {
+                listen.ok_or_else(|| format!("{source}: [admin] listen is off: nothing to probe"))
+            })
+            .map(|listen| Probe::admin(listen, check, args.timeout))
+    };
+    let probe = match probe {
+        Ok(probe) => probe,
+        Err(e) => {
+            eprintln!("portcullis healthcheck: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    let outcome = runtime.block_on(probe.run());
+    // A name lookup still running after the timeout must not hold the exit.
+    runtime.shutdown_background();
+    if outcome.healthy {
+        println!("{}", outcome.message);
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("portcullis healthcheck: {}", outcome.message);
+        ExitCode::FAILURE
     }
 }
 
