@@ -438,10 +438,14 @@ pub struct Idle {
 /// Opens up to `want` tunnels through a fresh proxy process, each with its ClientHello echoed,
 /// and leaves them idle; the RSS growth per tunnel is the figure. Fewer are opened when an
 /// open-file limit (the proxy's, or this side's) would be hit first.
-pub async fn idle(target: &Target, pid: u32, want: usize) -> io::Result<Idle> {
+pub async fn idle(target: &Target, pid: u32, want: usize, shape: Shape) -> io::Result<Idle> {
     const PROBE: usize = 100;
     let rss_before = procfs::rss_kib(pid);
     let fds_before = procfs::fd_count(pid);
+    let open_many = |target: &Target, count: usize| {
+        let targets = vec![target.clone(); count];
+        open_each_as(targets, shape)
+    };
     let mut held = open_many(target, PROBE.min(want)).await?;
     let fds_probe = procfs::fd_count(pid);
     let fds_each = (fds_probe.saturating_sub(fds_before) as f64 / held.len() as f64).max(1.0);
@@ -497,15 +501,31 @@ pub fn room(pid: u32, fds_now: usize, fds_each: f64, more: usize) -> (usize, Opt
     (count, limited_by)
 }
 
-async fn open_many(target: &Target, count: usize) -> io::Result<Vec<TcpStream>> {
-    open_each(vec![target.clone(); count]).await
+/// What an idle tunnel did before it went quiet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Its ClientHello went through and came back.
+    Echoed,
+    /// CONNECT, 200, and never a byte.
+    Silent,
 }
 
 /// Opens one echoed tunnel per target, 64 at a time, and holds them.
 pub async fn open_each(targets: Vec<Target>) -> io::Result<Vec<TcpStream>> {
+    open_each_as(targets, Shape::Echoed).await
+}
+
+/// Opens one tunnel of `shape` per target, 64 at a time, and holds them.
+async fn open_each_as(targets: Vec<Target>, shape: Shape) -> io::Result<Vec<TcpStream>> {
     let opened: Vec<io::Result<TcpStream>> = futures_util::stream::iter(targets)
         .map(|target| async move {
-            tokio::time::timeout(Duration::from_secs(10), open_echoed(&target))
+            let opening = async {
+                match shape {
+                    Shape::Echoed => open_echoed(&target).await,
+                    Shape::Silent => open(&target).await,
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(10), opening)
                 .await
                 .unwrap_or_else(|_| Err(io::Error::other("idle tunnel open timed out")))
         })

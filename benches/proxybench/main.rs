@@ -337,40 +337,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             if !wants("idle") || !peer.kind.in_full_suite() || peer.kind == Kind::Direct {
                 continue;
             }
-            let name = peer.kind.name();
-            peer.restart().await?;
-            let pid = peer.pid().expect("a started proxy has a pid");
-            match load::idle(&peer.target(origin::ECHO), pid, args.idle).await {
-                Ok(idle) => {
-                    eprintln!(
-                        "[{tag}] idle {name:<16} {} tunnels  RSS {} → {} KiB  {:.2} KiB/tunnel  \
-                         {:.1} fds/tunnel{}",
-                        idle.tunnels,
-                        idle.rss_before_kib,
-                        idle.rss_after_kib,
-                        idle.kib_per_tunnel,
-                        idle.fds_per_tunnel,
-                        idle.limited_by
-                            .as_deref()
-                            .map(|l| format!(" (limited by {l})"))
-                            .unwrap_or_default()
-                    );
-                    store.add("idle/tunnels", name, idle.tunnels as f64);
-                    store.add("idle/kib", name, idle.kib_per_tunnel);
-                    store.add("idle/fds", name, idle.fds_per_tunnel);
-                    store.add("idle/rss_before", name, idle.rss_before_kib as f64 / 1024.0);
-                    store.add("idle/rss_after", name, idle.rss_after_kib as f64 / 1024.0);
-                    if let Some(l) = idle.limited_by {
-                        store.note_limit(name, idle.tunnels, l);
-                    }
-                }
-                Err(e) => {
-                    eprintln!("[{tag}] idle {name:<16} failed: {e}");
-                    store.note_error(name, format!("idle tunnels: {e}"));
-                }
+            for (shape, host, key) in [
+                (load::Shape::Echoed, origin::ECHO, "idle"),
+                (load::Shape::Silent, origin::SILENT, "idle_silent"),
+            ] {
+                // A fresh process for each shape: memory freed by the one before would
+                // otherwise be reused and flatter the next.
+                peer.restart().await?;
+                idle_figure(peer, host, shape, key, &args, &tag, &mut store).await;
+                // The idle tunnels are closed now; give the proxy a moment before the next.
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            // The idle tunnels are closed now; give the proxy a moment before the next one.
-            tokio::time::sleep(Duration::from_millis(500)).await;
         }
         if wants("status") {
             status_figure(&mut peers, &args.status_tunnels, &tag, &mut store).await?;
@@ -493,6 +470,58 @@ async fn stream_figure(
         .map(|(_, s)| s.clone());
     for (kind, s) in &measured {
         store_stream(store, kind.name(), s, direct.as_ref());
+    }
+}
+
+/// Idle tunnels of one shape on a freshly started peer: RSS and descriptors per tunnel, under
+/// keys `<key>/...`.
+async fn idle_figure(
+    peer: &Peer,
+    host: &'static str,
+    shape: load::Shape,
+    key: &str,
+    args: &RunArgs,
+    tag: &str,
+    store: &mut Store,
+) {
+    let name = peer.kind.name();
+    let pid = peer.pid().expect("a started proxy has a pid");
+    match load::idle(&peer.target(host), pid, args.idle, shape).await {
+        Ok(idle) => {
+            eprintln!(
+                "[{tag}] idle {shape:?} {name:<16} {} tunnels  RSS {} → {} KiB  {:.2} KiB/tunnel  \
+                 {:.1} fds/tunnel{}",
+                idle.tunnels,
+                idle.rss_before_kib,
+                idle.rss_after_kib,
+                idle.kib_per_tunnel,
+                idle.fds_per_tunnel,
+                idle.limited_by
+                    .as_deref()
+                    .map(|l| format!(" (limited by {l})"))
+                    .unwrap_or_default()
+            );
+            store.add(&format!("{key}/tunnels"), name, idle.tunnels as f64);
+            store.add(&format!("{key}/kib"), name, idle.kib_per_tunnel);
+            store.add(&format!("{key}/fds"), name, idle.fds_per_tunnel);
+            store.add(
+                &format!("{key}/rss_before"),
+                name,
+                idle.rss_before_kib as f64 / 1024.0,
+            );
+            store.add(
+                &format!("{key}/rss_after"),
+                name,
+                idle.rss_after_kib as f64 / 1024.0,
+            );
+            if let Some(l) = idle.limited_by {
+                store.note_limit(name, idle.tunnels, l);
+            }
+        }
+        Err(e) => {
+            eprintln!("[{tag}] idle {shape:?} {name:<16} failed: {e}");
+            store.note_error(name, format!("idle tunnels ({shape:?}): {e}"));
+        }
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! - `echo.bench.amazonappstream.com` → 127.0.0.1:443 writes back whatever it reads;
 //! - `sink.bench.amazonappstream.com` → 127.0.0.2:443 reads and discards (uploads);
-//! - `source.bench.amazonappstream.com` → 127.0.0.3:443 writes without end (downloads).
+//! - `source.bench.amazonappstream.com` → 127.0.0.3:443 writes without end (downloads);
+//! - `silent.bench.amazonappstream.com` → 127.0.0.4:443 echoes, for tunnels that stay silent.
 //!
 //! It runs as its own process (`proxybench origin`), so that the load generator and the origin
 //! each hold one end of every idle tunnel within their own open-file limit.
@@ -17,13 +18,17 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 pub const ECHO: &str = "echo.bench.amazonappstream.com";
 pub const SINK: &str = "sink.bench.amazonappstream.com";
 pub const SOURCE: &str = "source.bench.amazonappstream.com";
+/// An echo origin of its own for tunnels that never send a byte: portcullis' rule for it
+/// has `sni = "off"` (under `enforce` a silent tunnel is closed at `header_timeout`).
+pub const SILENT: &str = "silent.bench.amazonappstream.com";
 pub const PORT: u16 = 443;
 
 /// Where each name resolves (the DNS server is told the same).
-pub const ADDRESSES: [(&str, [u8; 4]); 3] = [
+pub const ADDRESSES: [(&str, [u8; 4]); 4] = [
     (ECHO, [127, 0, 0, 1]),
     (SINK, [127, 0, 0, 2]),
     (SOURCE, [127, 0, 0, 3]),
+    (SILENT, [127, 0, 0, 4]),
 ];
 
 pub fn addr_of(name: &str) -> SocketAddr {
@@ -45,12 +50,14 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(65_535)
 }
 
-/// Serves forever; prints `ready` on stdout once all three listen.
+/// Serves forever; prints `ready` on stdout once all four listen.
 pub async fn serve() -> io::Result<()> {
     let echo = listen(addr_of(ECHO))?;
     let sink = listen(addr_of(SINK))?;
     let source = listen(addr_of(SOURCE))?;
+    let silent = listen(addr_of(SILENT))?;
     tokio::spawn(accept(echo, Kind::Echo));
+    tokio::spawn(accept(silent, Kind::Echo));
     tokio::spawn(accept(sink, Kind::Sink));
     tokio::spawn(accept(source, Kind::Source));
     println!("ready");

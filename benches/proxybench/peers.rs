@@ -179,6 +179,12 @@ impl Peer {
                          servers = [\"{DNS_IP}:53\"]\n\n\
                          [destinations]\n\
                          allow = [\"127.0.0.0/8\"]   # the bench origins live on loopback\n\n\
+                         # tunnels that never carry a byte (the silent idle figure)\n\
+                         [[rule]]\n\
+                         name = \"bench-silent\"\n\
+                         domains = [\"silent.bench.amazonappstream.com\"]\n\
+                         ports = [\"443\"]\n\
+                         sni = \"off\"\n\n\
                          [[rule]]\n\
                          name = \"appstream-gateway\"\n\
                          domains = [\"*.amazonappstream.com\"]\n\

@@ -492,7 +492,10 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
     out.push_str(
         "## Idle tunnels\n\nA fresh proxy process; tunnels opened (CONNECT, 200, ClientHello \
          echoed) and left idle; RSS (`VmRSS` of the process and its children) and open file \
-         descriptors before and after. Kernel memory (socket buffers, pipes) is not in RSS.\n\n",
+         descriptors before and after. Kernel memory (socket buffers, pipes) is not in RSS. \
+         Then, on another fresh process, *silent* tunnels: CONNECT, 200, and never a byte \
+         (to a host whose portcullis rule has `sni = \"off\"`; under `enforce` such a tunnel \
+         is closed at `header_timeout`).\n\n",
     );
     let proxies: Vec<Kind> = full
         .iter()
@@ -505,6 +508,13 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
         row("RSS before (MiB)", "idle/rss_before", 1),
         row("RSS with the tunnels open (MiB)", "idle/rss_after", 1),
         row("file descriptors per idle tunnel", "idle/fds", 2),
+        row(
+            "silent tunnels held (never a byte)",
+            "idle_silent/tunnels",
+            0,
+        ),
+        row("RSS per silent tunnel (KiB)", "idle_silent/kib", 2),
+        row("file descriptors per silent tunnel", "idle_silent/fds", 2),
     ];
     table(&mut out, store, &proxies, &idle_rows);
     for (peer, (tunnels, why)) in &store.limits {
@@ -586,6 +596,15 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
             fmt(idle_n, 0)
         ),
         met: check(m("idle/kib", p), |v| v <= 6.0),
+    });
+    targets.push(Target {
+        what: "RSS per silent tunnel (never a byte) ≤ 6 KiB".into(),
+        value: format!(
+            "{} KiB at {} tunnels",
+            fmt(m("idle_silent/kib", p), 2),
+            fmt(m("idle_silent/tunnels", p), 0)
+        ),
+        met: check(m("idle_silent/kib", p), |v| v <= 6.0),
     });
     let micro = args
         .criterion
