@@ -23,12 +23,7 @@ impl Running {
 
     /// With `Some(n)`, the proxy runs under `ulimit -n n`.
     pub fn start_with_fd_limit(config: &Path, fds: Option<u32>) -> Running {
-        Running::start_program(
-            Path::new(env!("CARGO_BIN_EXE_portcullis")),
-            config,
-            fds,
-            &[],
-        )
+        Running::start_program(&program(), config, fds, &[])
     }
 
     /// The binary at `exe` (a copy a test may replace, as a package upgrade would), with
@@ -101,6 +96,14 @@ impl Drop for Running {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The binary under test: this build's, or `PORTCULLIS_BIN` (a release build, for the
+/// measurements a test prints).
+pub fn program() -> std::path::PathBuf {
+    std::env::var_os("PORTCULLIS_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_portcullis").into())
 }
 
 pub fn wait_for(lines: &Mutex<Vec<String>>, needle: &str) -> String {
