@@ -496,15 +496,28 @@ async fn forward(
         // syscalls to make and close) pays off only once a direction carries bulk data.
         // A tap has always seen enough by then (a ClientHello is far below the switch).
         #[cfg(target_os = "linux")]
-        Mode::Splice if !flow.pipe_fallback => {
+        Mode::Splice if !flow.pipe_fallback => loop {
             let bulk = flow.pipe.is_some()
                 || copy_forward(from, to, &direction, SPLICE_AFTER, &mut tap, flow).await?
                     == Copied::Bulk;
-            if bulk && !splice::forward(from, to, &direction, flow).await? {
-                flow.pipe_fallback = true;
-                copy_forward(from, to, &direction, u64::MAX, &mut None, flow).await?;
+            if !bulk {
+                break;
             }
-        }
+            match splice::forward(from, to, &direction, flow).await? {
+                splice::Spliced::Eof => break,
+                splice::Spliced::NoPipe => {
+                    flow.pipe_fallback = true;
+                    copy_forward(from, to, &direction, u64::MAX, &mut None, flow).await?;
+                    break;
+                }
+                // The bulk part is over (a download done, a stream back to small frames):
+                // the pipe goes, and copying goes on until the next bulk stretch.
+                splice::Spliced::Small => {
+                    flow.pipe = None;
+                    flow.bulk = 0;
+                }
+            }
+        },
         _ => {
             copy_forward(from, to, &direction, u64::MAX, &mut tap, flow).await?;
         }
@@ -748,19 +761,34 @@ mod splice {
         }
     }
 
-    /// Splices until EOF. `Ok(false)`: no pipe worth using could be had; nothing was moved
-    /// and the caller copies instead. Bytes in the pipe are counted in the flow, so a pause
-    /// at any await leaves them there for whoever goes on.
+    /// Why splicing stopped.
+    pub(super) enum Spliced {
+        /// The sender finished.
+        Eof,
+        /// No pipe worth using could be had; nothing was moved.
+        NoPipe,
+        /// [`SMALL_STREAK`] small reads in a row, and the pipe is empty: copying is cheaper.
+        Small,
+    }
+
+    /// Splices in a row that moved less than a large read before a direction goes back to
+    /// copying: a couple of seconds of an interactive stream, far more than the pauses of a
+    /// bulk transfer.
+    const SMALL_STREAK: u32 = 64;
+
+    /// Splices until EOF, or until the traffic turns small. Bytes in the pipe are counted in
+    /// the flow, so a pause at any await leaves them there for whoever goes on.
     pub(super) async fn forward(
         from: &TcpStream,
         to: &TcpStream,
         direction: &Direction<'_>,
         flow: &mut Flow,
-    ) -> io::Result<bool> {
+    ) -> io::Result<Spliced> {
         let Some(mut pipe) = Pipe::of(flow)? else {
-            return Ok(false);
+            return Ok(Spliced::NoPipe);
         };
         let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
+        let mut small = 0;
         loop {
             while pipe.state.in_pipe > 0 {
                 to.writable().await?;
@@ -780,6 +808,9 @@ mod splice {
                     Err(e) => return Err(e),
                 }
             }
+            if small >= SMALL_STREAK {
+                return Ok(Spliced::Small);
+            }
             from.readable().await?;
             let capacity = pipe.capacity;
             let write_end = &pipe.state.write_end;
@@ -787,11 +818,12 @@ mod splice {
                 Ok(splice(from, None, write_end, None, capacity, flags)?)
             });
             let n = match filled {
-                Ok(0) => return Ok(true),
+                Ok(0) => return Ok(Spliced::Eof),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             };
+            small = if n < super::LARGE_READ { small + 1 } else { 0 };
             pipe.state.in_pipe = n;
             direction.moved(n);
             if n == pipe.capacity {
