@@ -94,23 +94,38 @@ fn alive(pid: u32) -> bool {
     }
 }
 
-/// Waits for the `n`th "handed over" line and returns the new process's pid.
-fn handed_over(running: &Running, n: usize) -> u32 {
+/// The `n`th log line holding `needle`, waiting up to 30 s for it.
+fn nth_line(running: &Running, needle: &str, n: usize) -> String {
     for _ in 0..3000 {
         let lines = running.lines.lock().unwrap();
-        let done: Vec<&String> = lines
-            .iter()
-            .filter(|l| l.contains("upgrade: handed over"))
-            .collect();
-        if let Some(line) = done.get(n - 1) {
-            let start = line.find("\"pid\":").unwrap() + 6;
-            let end = line[start..].find([',', '}']).unwrap() + start;
-            return line[start..end].parse().unwrap();
+        if let Some(line) = lines.iter().filter(|l| l.contains(needle)).nth(n - 1) {
+            return line.clone();
         }
         drop(lines);
         std::thread::sleep(Duration::from_millis(10));
     }
-    panic!("no handover #{n}:\n{}", running.log());
+    panic!("no line #{n} with {needle:?}:\n{}", running.log());
+}
+
+/// A field of a JSON log line as written: a number, or a string without its quotes.
+fn field<'a>(line: &'a str, name: &str) -> &'a str {
+    let key = format!("\"{name}\":");
+    let start = line
+        .find(&key)
+        .unwrap_or_else(|| panic!("no {name} in {line}"))
+        + key.len();
+    let value = &line[start..];
+    match value.strip_prefix('"') {
+        Some(text) => &text[..text.find('"').unwrap()],
+        None => &value[..value.find([',', '}']).unwrap()],
+    }
+}
+
+/// Waits for the `n`th "handed over" line and returns the new process's pid.
+fn handed_over(running: &Running, n: usize) -> u32 {
+    field(&nth_line(running, "upgrade: handed over", n), "pid")
+        .parse()
+        .unwrap()
 }
 
 /// The bytes tunnel `id` sends: a stream anyone can recompute from its offset.
@@ -306,30 +321,8 @@ async fn two_hundred_streams_survive_ten_upgrades() {
     // opened, two processes ago or ten.
     for (id, (port, opened_for)) in ports.iter().enumerate() {
         let client = format!("\"client\":\"127.0.0.1:{port}\"");
-        let line = wait_for(&running.lines, &format!("{client},"));
-        let closed = running
-            .lines
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|l| l.contains("tunnel_closed") && l.contains(&client))
-            .cloned();
-        let closed = closed.unwrap_or_else(|| {
-            std::thread::sleep(Duration::from_secs(1));
-            let lines = running.lines.lock().unwrap();
-            let found = lines
-                .iter()
-                .find(|l| l.contains("tunnel_closed") && l.contains(&client));
-            found
-                .cloned()
-                .unwrap_or_else(|| panic!("tunnel {id} has no close line ({line})"))
-        });
-        let field = |name: &str| -> u64 {
-            let start = closed.find(&format!("\"{name}\":")).unwrap() + name.len() + 3;
-            closed[start..closed[start..].find([',', '}']).unwrap() + start]
-                .parse()
-                .unwrap()
-        };
+        let closed = nth_line(&running, &format!("\"tunnel_closed\",{client}"), 1);
+        let field = |name: &str| -> u64 { field(&closed, name).parse().unwrap() };
         assert_eq!(field("bytes_upstream"), sent[id], "tunnel {id}: {closed}");
         assert_eq!(field("bytes_downstream"), sent[id], "tunnel {id}: {closed}");
         let duration = field("duration_ms");
@@ -369,21 +362,7 @@ fn replace_with_script(exe: &Path, body: &str) {
 
 /// The `n`th "upgrade failed" line's `result`.
 fn failed(running: &Running, n: usize) -> String {
-    for _ in 0..3000 {
-        let lines = running.lines.lock().unwrap();
-        let failures: Vec<&String> = lines
-            .iter()
-            .filter(|l| l.contains("upgrade failed"))
-            .collect();
-        if let Some(line) = failures.get(n - 1) {
-            let start = line.find("\"result\":\"").unwrap() + 10;
-            let end = line[start..].find('"').unwrap() + start;
-            return line[start..end].to_string();
-        }
-        drop(lines);
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("no failed upgrade #{n}:\n{}", running.log());
+    field(&nth_line(running, "upgrade failed", n), "result").to_string()
 }
 
 /// Serving everything as before: the open tunnel, a new one, the admin port.
@@ -434,12 +413,7 @@ async fn a_broken_or_hanging_new_binary_leaves_the_old_one_serving() {
         .unwrap()
         .iter()
         .filter(|l| l.contains("upgrade: started the new process"))
-        .map(|l| {
-            let start = l.find("\"pid\":").unwrap() + 6;
-            l[start..l[start..].find([',', '}']).unwrap() + start]
-                .parse()
-                .unwrap()
-        })
+        .map(|l| field(l, "pid").parse().unwrap())
         .collect();
     assert_eq!(hung.len(), 3);
     let reaped = eventually(Duration::from_secs(5), || {
@@ -498,10 +472,7 @@ async fn a_tunnel_mid_splice_survives_with_the_bytes_in_its_pipe() {
     signal(running.child.id(), "USR2");
     generations.0.push(handed_over(&running, 1));
     let moved = wait_for(&running.lines, "upgrade: tunnel handed over");
-    let start = moved.find("\"in_pipes\":").unwrap() + 11;
-    let in_pipes: u64 = moved[start..moved[start..].find([',', '}']).unwrap() + start]
-        .parse()
-        .unwrap();
+    let in_pipes: u64 = field(&moved, "in_pipes").parse().unwrap();
     assert!(
         in_pipes > 0,
         "bytes were in the pipe when it moved: {moved}"
