@@ -2,7 +2,9 @@
 //! host validation plus rule matching (`parse_host` + `RuleSet::check`) on the embedded
 //! AppStream profile and on 10,000 generated rules, and the destination check
 //! (`destination::Policy::check`). The 10,000 rules go through `Config::parse`, the path a
-//! config file takes, and a third bench times that compile (it runs on every reload).
+//! config file takes, and a third bench times that compile (it runs on every reload). A
+//! fourth parses 1,000 to 8,000 rules that each have a problem, per rule: flat if finding and
+//! placing problems grows linearly (each used to count the file's lines from the top).
 //!
 //! `cargo bench --bench matching`; targets: at most 200 ns per host on the default profile,
 //! at most 1 µs with 10,000 rules. `benches/run.sh` runs this and quotes the results.
@@ -242,11 +244,33 @@ fn bench_ip_ranges(c: &mut Criterion) {
     group.finish();
 }
 
+/// `Config::parse` of `N` rules that each name port 0, so it reports `N` problems, each with
+/// its line. Throughput is per rule: the same time per rule at every `N` is linear growth.
+fn bench_config_problems(c: &mut Criterion) {
+    let mut group = c.benchmark_group("config_problems");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(3));
+    for count in [1_000, 2_000, 4_000, 8_000] {
+        let text = generated_config(count).replace(r#"ports = ["443""#, r#"ports = ["0""#);
+        let problems = match portcullis::Config::parse(&text, "generated") {
+            Ok(_) => panic!("port 0 is refused"),
+            Err(e) => e.problems.len(),
+        };
+        assert_eq!(problems, count, "one problem per rule");
+        group.throughput(Throughput::Elements(count as u64));
+        group.bench_function(format!("Config::parse/{count}"), |b| {
+            b.iter(|| portcullis::Config::parse(black_box(&text), "generated").is_err())
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_default_profile, bench_many_rules, bench_destination, bench_ip_ranges
+    targets = bench_default_profile, bench_many_rules, bench_destination, bench_ip_ranges,
+        bench_config_problems
 }
 criterion_main!(benches);

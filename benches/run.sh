@@ -29,6 +29,9 @@ STATUS_TUNNELS=0,1000,5000
 STREAM_TUNNELS=300
 STREAM_DURATION=""
 STREAM_PRIME=320
+GROWTH_TUNNELS=1000,2000,4000,8000,max
+GROWTH_RULES=10,100,1000,10000
+GROWTH_BURST=2000
 usage() {
     sed -n '2,12p' "$SELF" | sed 's/^# \{0,1\}//'
     cat <<'EOF'
@@ -43,11 +46,17 @@ Options:
   --disk-logs      keep the proxies' logs on disk instead of a private tmpfs
   --figures LIST   only some figure groups, e.g. idle (default setup,bulk,idle,status,stream;
                    status is portcullis' status page under load; stream is small frames
-                   at a steady rate through long-lived tunnels)
+                   at a steady rate through long-lived tunnels; growth, not in the default,
+                   is how portcullis' set-up CPU, latency and RSS grow with open tunnels
+                   and with rules: --figures growth --peers portcullis --no-micro)
   --status-tunnels L  open tunnels at which the status page is measured (default 0,1000,5000)
   --stream-tunnels N  tunnels of the stream figure, 30 frames/s each (default 300)
   --stream-duration S seconds the stream figure counts for (default 10; quick 2)
   --stream-prime KIB  bytes each streaming tunnel carries first (default 320; 0: young tunnels)
+  --growth-tunnels L  open tunnels of the growth figure (default 1000,2000,4000,8000,max;
+                      max: as many as the open-file limits allow)
+  --growth-rules L    rule counts of the growth figure (default 10,100,1000,10000)
+  --growth-burst N    set-ups counted per burst of the growth figure (default 2000)
   --concurrency L  set-up concurrency levels (default 1,16,64,256)
   --peers LIST     only some peers, e.g. direct,portcullis (for investigating; default all)
 EOF
@@ -69,6 +78,9 @@ while [ $# -gt 0 ]; do
         --stream-tunnels) STREAM_TUNNELS=$2; shift ;;
         --stream-duration) STREAM_DURATION=$2; shift ;;
         --stream-prime) STREAM_PRIME=$2; shift ;;
+        --growth-tunnels) GROWTH_TUNNELS=$2; shift ;;
+        --growth-rules) GROWTH_RULES=$2; shift ;;
+        --growth-burst) GROWTH_BURST=$2; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
     esac
@@ -77,8 +89,8 @@ done
 # Checked here, before the build, rather than by the load generator after it.
 for group in ${FIGURES//,/ }; do
     case "$group" in
-        setup|bulk|idle|status|stream) ;;
-        *) echo "run.sh: unknown figure group $group (setup, bulk, idle, status, stream)" >&2; exit 2 ;;
+        setup|bulk|idle|status|stream|growth) ;;
+        *) echo "run.sh: unknown figure group $group (setup, bulk, idle, status, stream, growth)" >&2; exit 2 ;;
     esac
 done
 if [ "$QUICK" = 1 ]; then
@@ -125,6 +137,8 @@ if [ "${PORTCULLIS_BENCH_INNER:-}" = 1 ]; then
         --peers "$PEERS" --concurrency "$CONCURRENCY" --status-tunnels "$STATUS_TUNNELS" \
         --stream-tunnels "$STREAM_TUNNELS" --stream-duration "$STREAM_DURATION" \
         --stream-prime-kib "$STREAM_PRIME" \
+        --growth-tunnels "$GROWTH_TUNNELS" --growth-rules "$GROWTH_RULES" \
+        --growth-burst "$GROWTH_BURST" \
         --command "$BENCH_COMMAND" \
         $( [ "$QUICK" = 1 ] && echo --quick )
     status=$?
@@ -212,7 +226,8 @@ env PORTCULLIS_BENCH_INNER=1 BENCH_WORK="$WORK" BENCH_EXE="$EXE" \
         --warmup "$WARMUP" --idle "$IDLE" --out "$OUT" --figures "$FIGURES" --peers "$PEERS" \
         --concurrency "$CONCURRENCY" --status-tunnels "$STATUS_TUNNELS" \
         --stream-tunnels "$STREAM_TUNNELS" --stream-duration "$STREAM_DURATION" \
-        --stream-prime "$STREAM_PRIME"
+        --stream-prime "$STREAM_PRIME" --growth-tunnels "$GROWTH_TUNNELS" \
+        --growth-rules "$GROWTH_RULES" --growth-burst "$GROWTH_BURST"
 status=$?
 set -e
 if [ $status -ne 0 ]; then

@@ -22,7 +22,7 @@ use crate::origin;
 use crate::procfs;
 
 /// A cycle that takes longer than this counts as failed.
-const CYCLE_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CYCLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where and how a tunnel to one origin name is opened.
 #[derive(Clone)]

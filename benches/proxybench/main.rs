@@ -9,8 +9,10 @@
 //!   Squid, tinyproxy and portcullis (twice: logging on and off), measures each figure for every
 //!   peer in turn, repeats, and writes the report with medians; with `--figures status`,
 //!   also portcullis' status page under load; with `--figures stream`, hundreds of
-//!   long-lived tunnels carrying small frames at a steady rate, for every peer.
+//!   long-lived tunnels carrying small frames at a steady rate, for every peer; with
+//!   `--figures growth`, how portcullis' costs grow with open tunnels and with rules.
 
+mod growth;
 mod load;
 mod origin;
 mod peers;
@@ -79,16 +81,28 @@ pub struct RunArgs {
     /// Only criterion results written after this Unix time are quoted.
     #[arg(long, default_value_t = 0)]
     criterion_since: u64,
-    /// Which figure groups to measure (for debugging the harness; a report wants all five;
-    /// `status` is portcullis' status page under load, which only portcullis has; `stream`
-    /// is small frames at a steady rate through long-lived tunnels).
+    /// Which figure groups to measure (for debugging the harness; a report wants all five
+    /// defaults; `status` is portcullis' status page under load, which only portcullis has;
+    /// `stream` is small frames at a steady rate through long-lived tunnels; `growth`, not a
+    /// default, is how portcullis' costs grow with open tunnels and with rules).
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "setup,bulk,idle,status,stream",
-        value_parser = ["setup", "bulk", "idle", "status", "stream"]
+        value_parser = ["setup", "bulk", "idle", "status", "stream", "growth"]
     )]
     figures: Vec<String>,
+    /// Open tunnels at which the growth figure measures set-up cost and RSS; `max` is as many
+    /// as the open-file limits allow (the first level is the ratios' baseline).
+    #[arg(long, value_delimiter = ',', default_value = "1000,2000,4000,8000,max")]
+    growth_tunnels: Vec<growth::Level>,
+    /// Rule counts of the growth figure, the bench's own rule last in each (the first count
+    /// is the ratios' baseline).
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
+    growth_rules: Vec<usize>,
+    /// Set-up cycles counted per burst of the growth figure, at each level and concurrency.
+    #[arg(long, default_value_t = 2000)]
+    growth_burst: usize,
     /// Concurrent tunnels of the streaming figure, each carrying frames at 30 per second.
     #[arg(long, default_value_t = 300)]
     stream_tunnels: usize,
@@ -352,6 +366,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         if wants("status") {
             status_figure(&mut peers, &args.status_tunnels, &tag, &mut store).await?;
         }
+        if wants("growth") {
+            growth_figure(
+                &mut peers,
+                &args,
+                origin_helper.pid(),
+                rep,
+                &tag,
+                &mut store,
+            )
+            .await?;
+        }
         for peer in &peers {
             peer.truncate_logs();
         }
@@ -564,6 +589,21 @@ fn store_stream(
     add("broken", s.broken as f64);
 }
 
+/// The portcullis peer, freshly restarted for a figure of its own; `None` (said on stderr)
+/// when `--peers` left it out.
+async fn fresh_portcullis<'a>(
+    peers: &'a mut [Peer],
+    group: &str,
+    tag: &str,
+) -> anyhow::Result<Option<&'a mut Peer>> {
+    let Some(peer) = peers.iter_mut().find(|p| p.kind == Kind::Portcullis) else {
+        eprintln!("[{tag}] {group}: skipped, the portcullis peer is not running (--peers)");
+        return Ok(None);
+    };
+    peer.restart().await?;
+    Ok(Some(peer))
+}
+
 /// The status page under load, on a freshly started portcullis (the only peer with one).
 async fn status_figure(
     peers: &mut [Peer],
@@ -571,12 +611,10 @@ async fn status_figure(
     tag: &str,
     store: &mut Store,
 ) -> anyhow::Result<()> {
-    let Some(peer) = peers.iter_mut().find(|p| p.kind == Kind::Portcullis) else {
-        eprintln!("[{tag}] status: skipped, the portcullis peer is not running (--peers)");
+    let Some(peer) = fresh_portcullis(peers, "status", tag).await? else {
         return Ok(());
     };
     let name = peer.kind.name();
-    peer.restart().await?;
     let pid = peer.pid().expect("a started proxy has a pid");
     let admin = peer.admin().expect("portcullis has an admin listener");
     match status::levels(&peer.target(origin::ECHO), admin, pid, levels).await {
@@ -647,6 +685,202 @@ fn store_status(store: &mut Store, name: &'static str, level: &status::Level) {
     store.add(&key("rss_growth"), name, after - before);
     if let Some(why) = &level.limited_by {
         store.note_status_limit(level.asked, level.tunnels, why.clone());
+    }
+}
+
+/// How portcullis' costs grow with open tunnels, then with rules (the only peer measured).
+async fn growth_figure(
+    peers: &mut [Peer],
+    args: &RunArgs,
+    origin: u32,
+    rep: usize,
+    tag: &str,
+    store: &mut Store,
+) -> anyhow::Result<()> {
+    let Some(peer) = fresh_portcullis(peers, "growth", tag).await? else {
+        return Ok(());
+    };
+    let name = peer.kind.name();
+    let target = peer.target(origin::ECHO);
+    let pid = peer.pid().expect("a started proxy has a pid");
+    let swept = growth::tunnels(
+        &target,
+        pid,
+        origin,
+        &args.growth_tunnels,
+        args.growth_burst,
+    )
+    .await;
+    match swept {
+        Ok((levels, most, above)) => {
+            eprintln!(
+                "[{tag}] growth: at most {} tunnels, bound by {}'s open-file limit ({} fds, \
+                 {} open at start, {:.2} per tunnel, {} kept back){}",
+                most.tunnels,
+                most.bound_by,
+                most.limit,
+                most.fds_at_start,
+                most.fds_each,
+                growth::RESERVE_FDS,
+                if above.is_empty() {
+                    String::new()
+                } else {
+                    format!("; levels above it left out: {above:?}")
+                }
+            );
+            store.add("growth/most/tunnels", name, most.tunnels as f64);
+            store.add("growth/most/limit", name, most.limit as f64);
+            store.add("growth/most/fds_at_start", name, most.fds_at_start as f64);
+            store.add("growth/most/fds_each", name, most.fds_each);
+            store.note_growth(format!(
+                "Bound by {}'s open-file limit: ⌊({} − {} − {}) ÷ {:.2}⌋ = {} tunnels.",
+                most.bound_by,
+                most.limit,
+                most.fds_at_start,
+                growth::RESERVE_FDS,
+                most.fds_each,
+                most.tunnels
+            ));
+            for level in &levels {
+                eprintln!(
+                    "[{tag}] growth {:>5} tunnels ({})  RSS {} KiB  {:.2} KiB/tunnel  \
+                     {:.2} fds/tunnel  {}  RSS after {} KiB",
+                    level.tunnels,
+                    level.key,
+                    level.rss_kib,
+                    level.kib_per_tunnel,
+                    level.fds_per_tunnel,
+                    log_bursts(&level.bursts),
+                    level.rss_after_kib
+                );
+                let key = |figure: &str| format!("growth/tunnels/{}/{figure}", level.key);
+                store.add(&key("tunnels"), name, level.tunnels as f64);
+                store.add(&key("rss"), name, level.rss_kib as f64 / 1024.0);
+                store.add(&key("kib_per_tunnel"), name, level.kib_per_tunnel);
+                store.add(&key("fds_per_tunnel"), name, level.fds_per_tunnel);
+                store.add(&key("rss_after"), name, level.rss_after_kib as f64 / 1024.0);
+                store_bursts(store, name, &key, &level.bursts);
+            }
+            if !above.is_empty() {
+                store.note_growth(format!(
+                    "Tunnel levels above the most were left out: {above:?}."
+                ));
+            }
+        }
+        Err(e) => {
+            eprintln!("[{tag}] growth tunnels failed: {e}");
+            store.note_error(name, format!("growth, tunnels: {e}"));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A fresh process per count, in an order that rotates between runs, so drifting
+    // background load does not always fall on the same counts.
+    let mut counts = args.growth_rules.clone();
+    let turn = rep % counts.len().max(1);
+    counts.rotate_left(turn);
+    let swept = growth::rules(peer, &target, &args.portcullis, &counts, args.growth_burst).await;
+    match swept {
+        Ok(levels) => {
+            let base = levels.iter().min_by_key(|l| l.rules).cloned();
+            for level in &levels {
+                eprintln!(
+                    "[{tag}] growth {:>5} rules  RSS {} KiB  --check {:.1} ms (invalid {:.1} ms)  \
+                     reload {:.1} ms (cpu {:.1} ms)  {}",
+                    level.rules,
+                    level.rss_kib,
+                    level.check_ms,
+                    level.invalid_check_ms,
+                    level.reload_ms,
+                    level.reload_cpu_ms,
+                    log_bursts(&level.bursts)
+                );
+                let key = |figure: &str| format!("growth/rules/{}/{figure}", level.rules);
+                store.add(&key("rules"), name, level.rules as f64);
+                let rss = level.rss_kib as f64;
+                store.add(&key("rss"), name, rss / 1024.0);
+                store.add(&key("check"), name, level.check_ms);
+                store.add(&key("check_invalid"), name, level.invalid_check_ms);
+                store.add(&key("reload"), name, level.reload_ms);
+                store.add(&key("reload_cpu"), name, level.reload_cpu_ms);
+                // What each rule past the first level adds: flat when the growth is linear.
+                if let Some(base) = base.as_ref().filter(|b| b.rules < level.rules) {
+                    let more = (level.rules - base.rules) as f64;
+                    let per_rule = |now: f64, then: f64| (now - then) / more;
+                    store.add(
+                        &key("rss_per_rule"),
+                        name,
+                        per_rule(rss, base.rss_kib as f64),
+                    );
+                    store.add(
+                        &key("check_per_rule"),
+                        name,
+                        per_rule(level.check_ms, base.check_ms) * 1e3,
+                    );
+                    store.add(
+                        &key("check_invalid_per_rule"),
+                        name,
+                        per_rule(level.invalid_check_ms, base.invalid_check_ms) * 1e3,
+                    );
+                    store.add(
+                        &key("reload_per_rule"),
+                        name,
+                        per_rule(level.reload_cpu_ms, base.reload_cpu_ms) * 1e3,
+                    );
+                }
+                store_bursts(store, name, &key, &level.bursts);
+            }
+        }
+        Err(e) => {
+            eprintln!("[{tag}] growth rules failed: {e}");
+            store.note_error(name, format!("growth, rules: {e}"));
+            // Back to the usual config for whatever comes next.
+            peer.use_rules(0)?;
+            peer.restart().await?;
+        }
+    }
+    Ok(())
+}
+
+fn log_bursts(bursts: &[growth::Burst]) -> String {
+    let each: Vec<String> = bursts
+        .iter()
+        .map(|b| {
+            format!(
+                "c={} {} done, cpu {:.1} µs/set-up (sys {:.1}) p50 {:.0} p99 {:.0} µs errors {}{}",
+                b.concurrency,
+                b.done,
+                b.cpu_us,
+                b.system_us,
+                b.p50_us,
+                b.p99_us,
+                b.errors,
+                b.first_error
+                    .as_deref()
+                    .map(|e| format!(" (first: {e})"))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    each.join("  ")
+}
+
+/// Keys `<level>/{cpu,p50,p99,errors}_c<concurrency>` through `key`.
+fn store_bursts(
+    store: &mut Store,
+    name: &'static str,
+    key: &dyn Fn(&str) -> String,
+    bursts: &[growth::Burst],
+) {
+    for b in bursts {
+        let c = b.concurrency;
+        store.add(&key(&format!("cpu_c{c}")), name, b.cpu_us);
+        store.add(&key(&format!("sys_c{c}")), name, b.system_us);
+        store.add(&key(&format!("p50_c{c}")), name, b.p50_us);
+        store.add(&key(&format!("p99_c{c}")), name, b.p99_us);
+        store.add(&key(&format!("errors_c{c}")), name, b.errors as f64);
+        if let Some(e) = &b.first_error {
+            store.note_error(name, format!("growth set-up c={c}: {e}"));
+        }
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Store {
     metrics: BTreeMap<&'static str, Option<f64>>,
     /// Status-page levels that held fewer tunnels than asked: asked → (held, why).
     status_limits: BTreeMap<usize, (usize, String)>,
+    /// What the growth figure's report says about its limits, once each.
+    growth_notes: std::collections::BTreeSet<String>,
 }
 
 impl Store {
@@ -48,6 +50,10 @@ impl Store {
 
     pub fn note_status_limit(&mut self, asked: usize, held: usize, why: String) {
         self.status_limits.insert(asked, (held, why));
+    }
+
+    pub fn note_growth(&mut self, note: String) {
+        self.growth_notes.insert(note);
     }
 
     pub fn add_metrics(&mut self, peer: &'static str, allowed: Option<f64>) {
@@ -244,6 +250,7 @@ fn read_criterion(dir: &Path, since: SystemTime) -> Option<(String, f64)> {
         "default_profile/",
         "rules_10000/",
         "rules_10000_compile/",
+        "config_problems/",
         "destination/",
     ];
     if !groups.iter().any(|g| id.starts_with(g)) {
@@ -356,6 +363,26 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
                 args.stream_prime_kib,
                 args.stream_duration,
                 args.stream_warmup
+            )
+        } else {
+            String::new()
+        } + &if args.figures.iter().any(|f| f == "growth") {
+            format!(
+                " growth: tunnels at {}, rules at {}, bursts of {} set-ups at c={};",
+                args.growth_tunnels
+                    .iter()
+                    .map(|l| l.key())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                args.growth_rules
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                args.growth_burst,
+                crate::growth::CONCURRENCY
+                    .map(|c| c.to_string())
+                    .join(" and ")
             )
         } else {
             String::new()
@@ -538,6 +565,11 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
     } else {
         Vec::new()
     };
+    let growth_rows = if args.figures.iter().any(|f| f == "growth") {
+        growth_section(&mut out, store, args)
+    } else {
+        Vec::new()
+    };
 
     // Targets.
     let p = Kind::Portcullis;
@@ -711,8 +743,10 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
         out.push_str(
             "\n`parse_and_check` is `rules::parse_host` then `RuleSet::check`, as the CONNECT \
              handler runs them; the 10,000 rules are a third leading wildcards, a third exact \
-             names, a third inner wildcards, built through `Config::parse`. `destination/*` is \
-             `destination::Policy::check`.\n\n",
+             names, a third inner wildcards, built through `Config::parse`. \
+             `config_problems/Config::parse/N` parses N such rules that each name port 0 (N \
+             problems, each placed on its line): the same time per rule at every N is linear \
+             growth. `destination/*` is `destination::Policy::check`.\n\n",
         );
     }
 
@@ -766,58 +800,132 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
     if !stream_rows.is_empty() {
         raw_table(&mut out, store, peers, &stream_rows);
     }
+    if !growth_rows.is_empty() {
+        raw_table(&mut out, store, &[Kind::Portcullis], &growth_rows);
+    }
     out
 }
 
-/// One row of the status-page table; `figure` is the key after `status/<tunnels>/`.
-struct StatusRow {
+/// One row of a table with a column per level (status page, growth); `figure` is the key
+/// after `<group>/<level>/`.
+struct LevelRow {
     label: String,
-    figure: &'static str,
+    figure: String,
     decimals: usize,
     /// Whether a ratio between levels says anything (latency, size, CPU; not RSS or counts).
     ratios: bool,
 }
 
-fn status_row(label: impl Into<String>, figure: &'static str, decimals: usize) -> StatusRow {
-    StatusRow {
+fn level_row(label: impl Into<String>, figure: impl Into<String>, decimals: usize) -> LevelRow {
+    LevelRow {
         label: label.into(),
-        figure,
+        figure: figure.into(),
         decimals,
         ratios: false,
     }
 }
 
-/// The figures of the status page at each level, labelled for the table.
-fn status_rows() -> Vec<StatusRow> {
-    let ratio = |label: &str, figure, decimals| StatusRow {
+/// A row whose ratios between levels are shown.
+fn ratio_row(label: impl Into<String>, figure: impl Into<String>, decimals: usize) -> LevelRow {
+    LevelRow {
         ratios: true,
-        ..status_row(label, figure, decimals)
-    };
+        ..level_row(label, figure, decimals)
+    }
+}
+
+/// The figures of the status page at each level, labelled for the table.
+fn status_rows() -> Vec<LevelRow> {
     vec![
-        status_row("tunnels held open", "tunnels", 0),
-        status_row("open tunnels on the page (`tunnels.open`)", "shown_open", 0),
-        status_row(
+        level_row("tunnels held open", "tunnels", 0),
+        level_row("open tunnels on the page (`tunnels.open`)", "shown_open", 0),
+        level_row(
             format!("tunnels listed (capped at {MAX_ROWS})"),
             "listed_tunnels",
             0,
         ),
-        status_row(
+        level_row(
             format!("clients listed (capped at {MAX_GROUPS})"),
             "listed_clients",
             0,
         ),
-        ratio("`GET /` latency p50 (µs)", "html_p50", 0),
-        ratio("`GET /` latency p99 (µs)", "html_p99", 0),
-        ratio("`GET /status.json` latency p50 (µs)", "json_p50", 0),
-        ratio("`GET /status.json` latency p99 (µs)", "json_p99", 0),
-        ratio("`GET /` body (KiB)", "html_kib", 1),
-        ratio("`GET /status.json` body (KiB)", "json_kib", 1),
-        ratio("proxy CPU per `GET /` (µs)", "html_cpu", 0),
-        ratio("proxy CPU per `GET /status.json` (µs)", "json_cpu", 0),
-        status_row("RSS before the status requests (MiB)", "rss_before", 1),
-        status_row("RSS after the status requests (MiB)", "rss_after", 1),
-        status_row("RSS growth over the status requests (KiB)", "rss_growth", 0),
+        ratio_row("`GET /` latency p50 (µs)", "html_p50", 0),
+        ratio_row("`GET /` latency p99 (µs)", "html_p99", 0),
+        ratio_row("`GET /status.json` latency p50 (µs)", "json_p50", 0),
+        ratio_row("`GET /status.json` latency p99 (µs)", "json_p99", 0),
+        ratio_row("`GET /` body (KiB)", "html_kib", 1),
+        ratio_row("`GET /status.json` body (KiB)", "json_kib", 1),
+        ratio_row("proxy CPU per `GET /` (µs)", "html_cpu", 0),
+        ratio_row("proxy CPU per `GET /status.json` (µs)", "json_cpu", 0),
+        level_row("RSS before the status requests (MiB)", "rss_before", 1),
+        level_row("RSS after the status requests (MiB)", "rss_after", 1),
+        level_row("RSS growth over the status requests (KiB)", "rss_growth", 0),
     ]
+}
+
+/// Levels of one table: (store key, column header).
+type Levels = [(String, String)];
+
+/// A table of portcullis' medians of `<group>/<level>/<figure>`, a column per level, then a
+/// column per pair of levels (indices into `levels`) with their ratio. Returns the rows for
+/// the raw values, per level, labelled `<what>, <header>: <label>`.
+fn level_table(
+    out: &mut String,
+    store: &Store,
+    group: &str,
+    what: &str,
+    levels: &Levels,
+    pairs: &[(usize, usize)],
+    rows: &[LevelRow],
+) -> Vec<Row> {
+    let p = Kind::Portcullis.name();
+    let cell = |level: usize, figure: &str| {
+        store.median(&format!("{group}/{}/{figure}", levels[level].0), p)
+    };
+    out.push_str("| figure |");
+    for (_, header) in levels {
+        let _ = write!(out, " {header} |");
+    }
+    for &(a, b) in pairs {
+        let _ = write!(out, " {} ÷ {} |", levels[a].0, levels[b].0);
+    }
+    out.push_str("\n|---|");
+    for _ in 0..levels.len() + pairs.len() {
+        out.push_str("---:|");
+    }
+    out.push('\n');
+    for r in rows {
+        let _ = write!(out, "| {} |", r.label);
+        for level in 0..levels.len() {
+            let _ = write!(out, " {} |", fmt(cell(level, &r.figure), r.decimals));
+        }
+        for &(a, b) in pairs {
+            let value = if r.ratios {
+                ratio(cell(a, &r.figure), cell(b, &r.figure))
+            } else {
+                "—".into()
+            };
+            let _ = write!(out, " {value} |");
+        }
+        out.push('\n');
+    }
+    out.push('\n');
+    levels
+        .iter()
+        .flat_map(|(key, header)| {
+            rows.iter().map(move |r| {
+                row(
+                    format!("{what}, {header}: {}", r.label),
+                    format!("{group}/{key}/{}", r.figure),
+                    r.decimals,
+                )
+            })
+        })
+        .collect()
+}
+
+/// Each level ÷ the first (the baseline).
+fn to_first(levels: &Levels) -> Vec<(usize, usize)> {
+    (1..levels.len()).map(|i| (i, 0)).collect()
 }
 
 /// The status-page section: a column per level of open tunnels, then each level ÷ the first
@@ -847,44 +955,23 @@ fn status_section(out: &mut String, store: &Store, levels: &[usize]) -> Vec<Row>
         WARMUP = crate::status::WARMUP,
         REQUESTS = crate::status::REQUESTS,
     );
-    let p = Kind::Portcullis.name();
-    let cell = |level: usize, figure: &str| store.median(&format!("status/{level}/{figure}"), p);
-    let mut pairs: Vec<(usize, usize)> = levels[1.min(levels.len())..]
+    let levels: Vec<(String, String)> = levels
         .iter()
-        .map(|&l| (l, levels[0]))
+        .map(|l| (l.to_string(), format!("{l} tunnels")))
         .collect();
+    let mut pairs = to_first(&levels);
     if levels.len() >= 3 {
-        pairs.push((levels[levels.len() - 1], levels[levels.len() - 2]));
+        pairs.push((levels.len() - 1, levels.len() - 2));
     }
-    out.push_str("| figure |");
-    for level in &levels {
-        let _ = write!(out, " {level} tunnels |");
-    }
-    for (a, b) in &pairs {
-        let _ = write!(out, " {a} ÷ {b} |");
-    }
-    out.push_str("\n|---|");
-    for _ in 0..levels.len() + pairs.len() {
-        out.push_str("---:|");
-    }
-    out.push('\n');
-    let rows = status_rows();
-    for r in &rows {
-        let _ = write!(out, "| {} |", r.label);
-        for &level in &levels {
-            let _ = write!(out, " {} |", fmt(cell(level, r.figure), r.decimals));
-        }
-        for &(a, b) in &pairs {
-            let value = if r.ratios {
-                ratio(cell(a, r.figure), cell(b, r.figure))
-            } else {
-                "—".into()
-            };
-            let _ = write!(out, " {value} |");
-        }
-        out.push('\n');
-    }
-    out.push('\n');
+    let raw = level_table(
+        out,
+        store,
+        "status",
+        "status",
+        &levels,
+        &pairs,
+        &status_rows(),
+    );
     for (asked, (held, why)) in &store.status_limits {
         let _ = writeln!(
             out,
@@ -894,18 +981,185 @@ fn status_section(out: &mut String, store: &Store, levels: &[usize]) -> Vec<Row>
     if !store.status_limits.is_empty() {
         out.push('\n');
     }
-    levels
+    raw
+}
+
+/// Rows of a growth table for the set-up bursts at each concurrency.
+fn burst_rows() -> Vec<LevelRow> {
+    let cs = crate::growth::CONCURRENCY;
+    let mut rows: Vec<LevelRow> = cs
         .iter()
-        .flat_map(|&level| {
-            rows.iter().map(move |r| {
-                row(
-                    format!("status, {level} tunnels: {}", r.label),
-                    format!("status/{level}/{}", r.figure),
-                    r.decimals,
-                )
-            })
+        .flat_map(|c| {
+            [
+                ratio_row(
+                    format!("proxy CPU per set-up, c={c} (µs)"),
+                    format!("cpu_c{c}"),
+                    1,
+                ),
+                ratio_row(
+                    format!("of which kernel, c={c} (µs)"),
+                    format!("sys_c{c}"),
+                    1,
+                ),
+            ]
         })
-        .collect()
+        .collect();
+    for c in cs {
+        rows.push(ratio_row(
+            format!("set-up latency p50, c={c} (µs)"),
+            format!("p50_c{c}"),
+            0,
+        ));
+        rows.push(ratio_row(
+            format!("set-up latency p99, c={c} (µs)"),
+            format!("p99_c{c}"),
+            0,
+        ));
+    }
+    for c in cs {
+        rows.push(level_row(
+            format!("failed set-ups, c={c} (median of runs)"),
+            format!("errors_c{c}"),
+            0,
+        ));
+    }
+    rows
+}
+
+/// How cost grows: the tunnel sweep's table, then the rule sweep's. Returns the rows for the
+/// raw values.
+fn growth_section(out: &mut String, store: &Store, args: &RunArgs) -> Vec<Row> {
+    use crate::growth::{CHECKS, RELOADS, RESERVE_FDS, WARMUP_CYCLES};
+    let p = Kind::Portcullis.name();
+    let burst = args.growth_burst;
+    let most = |figure: &str| store.median(&format!("growth/most/{figure}"), p);
+    let _ = writeln!(
+        out,
+        "## How cost grows\n\n\
+         portcullis only: whether its costs grow faster than linearly with open tunnels or \
+         with rules. Set-up bursts: at each level, {WARMUP_CYCLES} uncounted cycles, then \
+         {burst} counted \
+         ones (CONNECT, 200, ClientHello echoed by the origin, close, as in the set-up figure) \
+         by 1 client, then the same by 64; latency of every counted cycle; proxy CPU per \
+         set-up is the run time of all portcullis threads (`/proc/<pid>/task/*/schedstat`) \
+         over the counted cycles, divided by them; its kernel part is `/proc/<pid>/stat`'s \
+         system time, in 10 ms ticks, so good to a few percent. Ratios are between levels of \
+         the same sweep, each ÷ the first.\n\n\
+         **Open tunnels.** One freshly started portcullis with the bench's one rule; idle \
+         tunnels to the echo origin opened level by level and held, the bursts run beside \
+         them. RSS per tunnel is (RSS at the level − RSS of the fresh process) ÷ tunnels held. \
+         The last level is the most the open-file limits allow: each tunnel holds \
+         descriptors in the proxy (two: client and origin sockets), one in the load generator \
+         (the client end) and one in the origin (the server end), each process under its own \
+         `RLIMIT_NOFILE` (run.sh raises the soft limit to the hard one, `ulimit -Hn`). For \
+         each, the most is ⌊(limit − descriptors open before the first tunnel − {RESERVE_FDS} \
+         kept free) ÷ descriptors per tunnel⌋, per tunnel as measured over the first 100; the \
+         {RESERVE_FDS} cover the c=64 burst's connections in flight (two each, and those still \
+         closing), DNS, admin and log files. The smallest of the three is the level; the \
+         process that sets it and its numbers are below the table.\n"
+    );
+    let levels: Vec<(String, String)> = args
+        .growth_tunnels
+        .iter()
+        .map(|l| {
+            let key = l.key();
+            let header = match l {
+                crate::growth::Level::Max => format!("max ({} tunnels)", fmt(most("tunnels"), 0)),
+                crate::growth::Level::Count(n) => format!("{n} tunnels"),
+            };
+            (key, header)
+        })
+        .filter(|(key, _)| {
+            store
+                .median(&format!("growth/tunnels/{key}/tunnels"), p)
+                .is_finite()
+        })
+        .collect();
+    let mut rows = vec![
+        ratio_row("tunnels held", "tunnels", 0),
+        ratio_row("RSS with the tunnels open (MiB)", "rss", 1),
+        ratio_row("RSS per tunnel (KiB)", "kib_per_tunnel", 2),
+        level_row("proxy file descriptors per tunnel", "fds_per_tunnel", 2),
+    ];
+    rows.extend(burst_rows());
+    rows.push(level_row("RSS after the bursts (MiB)", "rss_after", 1));
+    let mut raw = level_table(
+        out,
+        store,
+        "growth/tunnels",
+        "growth",
+        &levels,
+        &to_first(&levels),
+        &rows,
+    );
+    for note in &store.growth_notes {
+        let _ = writeln!(out, "- {note}");
+    }
+    if !store.growth_notes.is_empty() {
+        out.push('\n');
+    }
+    let _ = writeln!(
+        out,
+        "**Rules.** A freshly started portcullis per rule count, on the bench config with that \
+         many `[[rule]]` tables: all but the last generated, one distinct pattern each, a \
+         quarter each exact names elsewhere (`host-N.corp-M.example.net`), `*.suffix` \
+         wildcards elsewhere (`*.svc-N.tenant-M.example.com`), exact names beside the bench's \
+         hosts (`gw-N.bench.amazonappstream.com`) and wildcards under its domain \
+         (`*.region-N.amazonappstream.com`), and the bench's own `*.amazonappstream.com` \
+         last, so the host every cycle names is looked up at each of its suffix lengths and \
+         matched by the last rule. RSS is read 0.5 s after the start (after one cycle). \
+         `--check` is the wall time of `portcullis --config FILE --check` (a whole process: \
+         start, read, parse, validate, compile; median of {CHECKS}), then of a copy in which \
+         every rule names port \"0\", so it reports one problem (with its line) per rule. A \
+         reload is SIGHUP to the \
+         running proxy, timed to the timestamp of its `config reloaded` log line (median of \
+         {RELOADS}), with the proxy's CPU over it. The per-rule rows are (figure − the first \
+         level's) ÷ (rules − the first level's): flat when the growth is linear.\n"
+    );
+    let levels: Vec<(String, String)> = args
+        .growth_rules
+        .iter()
+        .map(|n| (n.to_string(), format!("{n} rules")))
+        .collect();
+    let mut rows = vec![
+        ratio_row("rules", "rules", 0),
+        ratio_row("RSS at start (MiB)", "rss", 1),
+        level_row("RSS per rule over the first level (KiB)", "rss_per_rule", 2),
+        ratio_row("`--check` wall time (ms)", "check", 1),
+        level_row(
+            "`--check` time per rule over the first level (µs)",
+            "check_per_rule",
+            2,
+        ),
+        ratio_row(
+            "`--check`, every rule with port \"0\" (a problem per rule) (ms)",
+            "check_invalid",
+            1,
+        ),
+        level_row(
+            "the same, per rule over the first level (µs)",
+            "check_invalid_per_rule",
+            2,
+        ),
+        ratio_row("SIGHUP to `config reloaded` (ms)", "reload", 1),
+        ratio_row("proxy CPU per reload (ms)", "reload_cpu", 1),
+        level_row(
+            "reload CPU per rule over the first level (µs)",
+            "reload_per_rule",
+            2,
+        ),
+    ];
+    rows.extend(burst_rows());
+    raw.extend(level_table(
+        out,
+        store,
+        "growth/rules",
+        "growth",
+        &levels,
+        &to_first(&levels),
+        &rows,
+    ));
+    raw
 }
 
 /// The streaming section: every peer in columns, then its own targets. Returns the rows for
