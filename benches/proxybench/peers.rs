@@ -205,8 +205,8 @@ impl Peer {
         Ok(())
     }
 
-    /// portcullis only: a config of `count` rules in all, `count - 1` generated ones (see
-    /// [`growth::generated_rules`]) before the bench's own; 0 or 1: the bench's rule alone.
+    /// portcullis only: a config of `count` rules in all, `count - 2` generated ones (see
+    /// [`growth::generated_rules`]) before the bench's two; 0 to 2: the bench's rules alone.
     /// Takes effect at the next start or reload.
     pub fn use_rules(&mut self, count: usize) -> io::Result<()> {
         self.rules = count;
