@@ -40,7 +40,7 @@ use crate::rules::{self, Host, Rule, Verdict};
 use crate::sni::{self, Hello, SniMode};
 use crate::state::{ClientSlot, Runtime, Shared};
 use crate::telemetry::OpenTunnel;
-use crate::tunnel_task::{self, ActiveTunnel, Ends, Live};
+use crate::tunnel::task::{self as tunnel_task, ActiveTunnel, Ends, Live};
 
 /// Who is on the other end of a client connection.
 #[derive(Debug, Clone)]

@@ -10,14 +10,14 @@
 //!   from `[aws_ip_ranges] url` ([`ip_ranges::refresh`], [`ip_ranges::fetch`]).
 //! - [`server`]: the accept loop, connection limit, client ACL, request head.
 //! - [`connect`]: one CONNECT request, from authority to 200.
-//! - [`tunnel`]: relaying bytes both ways.
-//! - [`tunnel_task`]: an open tunnel's task: relay, park for an upgrade, close and log.
+//! - [`tunnel`]: relaying bytes both ways; [`tunnel::task`], an open tunnel's task: relay, park
+//!   for an upgrade, close and log.
 //! - [`sni`]: the ClientHello parser and the SNI-matches-CONNECT check.
 //! - [`metrics`]: the Prometheus registry and per-domain handles.
 //! - [`explain`]: would a CONNECT pass, and why (`portcullis explain`, `/explain`).
-//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac`, `/explain`.
-//! - [`healthcheck`]: `portcullis healthcheck`, the client side of `/healthz` and `/readyz` that
-//!   a container's `HEALTHCHECK` runs.
+//! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac`, `/explain`; and
+//!   [`admin::healthcheck`], `portcullis healthcheck`, the client side of `/healthz` and
+//!   `/readyz` that a container's `HEALTHCHECK` runs.
 //! - [`access_log`]: the decision and tunnel-close events.
 //! - [`log_writer`]: the batching, never-blocking stdout sink behind the logs.
 //! - [`log_format`]: the JSON log line, written without serde.
@@ -45,7 +45,6 @@ pub mod destination;
 pub mod dns;
 pub mod error;
 pub mod explain;
-pub mod healthcheck;
 pub mod ip_ranges;
 pub mod log_format;
 pub mod log_writer;
@@ -60,7 +59,6 @@ pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod tunnel;
-pub mod tunnel_task;
 pub mod upgrade;
 pub mod workers;
 

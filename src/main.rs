@@ -235,7 +235,7 @@ fn explain(args: ExplainArgs, config: Option<PathBuf>) -> ExitCode {
 /// `portcullis healthcheck`: one line on stdout when healthy, on stderr when not. Every failure
 /// exits 1, a config it cannot read too: Docker reserves 2, and a probe has only two answers.
 fn healthcheck(args: HealthcheckArgs) -> ExitCode {
-    use portcullis::healthcheck::{Check, Probe};
+    use portcullis::admin::healthcheck::{Check, Probe};
     let check = if args.ready {
         Check::Ready
     } else {

@@ -6,6 +6,7 @@
 //! Each page that is more than a line lives in a file of its own here.
 
 mod explain;
+pub mod healthcheck;
 mod pac;
 mod page;
 pub mod status;

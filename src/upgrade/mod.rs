@@ -368,7 +368,7 @@ fn resume(shared: &Arc<Shared>, on: &Handle, record: Record, fds: Vec<OwnedFd>) 
     let shared_there = shared.clone();
     on.spawn(shared.tasks.track_future(async move {
         match Moving::from_wire(record, fds) {
-            Ok(moving) => crate::tunnel_task::resume(shared_there, moving).await,
+            Ok(moving) => crate::tunnel::task::resume(shared_there, moving).await,
             Err(e) => tracing::error!(error = %e, "upgrade: a tunnel arrived broken"),
         }
     }));

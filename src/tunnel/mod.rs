@@ -15,6 +15,8 @@
 //! relay is just dropping its futures, and a new process given the sockets and the flows goes
 //! on exactly where this one stopped: no byte lost, repeated or reordered.
 
+pub mod task;
+
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
