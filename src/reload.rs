@@ -68,13 +68,14 @@ impl Reloader {
         self.proxy.reload(config)
     }
 
-    /// Polls the file forever.
+    /// Polls the file forever. Reading and parsing happen off the event loop, as for SIGHUP.
     pub async fn watch(self, interval: Duration) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            let _ = self.reload_if_changed();
+            let reloader = self.clone();
+            let _ = tokio::task::spawn_blocking(move || reloader.reload_if_changed()).await;
         }
     }
 }
