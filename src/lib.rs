@@ -101,8 +101,7 @@ impl Listeners {
         config: &Config,
         mut takeover: Option<&mut upgrade::Takeover>,
     ) -> io::Result<Listeners> {
-        let mut inherited = |kind: &str, index: usize, addr: SocketAddr| {
-            let group = upgrade::group(kind, index, &addr.to_string());
+        let mut inherited = |group: String| {
             takeover
                 .as_mut()
                 .map(|t| t.take(&group))
@@ -114,19 +113,19 @@ impl Listeners {
             })
         };
         let mut listeners = Listeners::default();
-        let proxy = config.proxy.listen.iter().map(|&addr| ("proxy", addr, ""));
-        let tls = config.proxy.tls.iter().map(|l| ("tls", l.listen, " (tls)"));
-        let mut index = [0usize; 2];
-        for (kind, addr, what) in proxy.chain(tls) {
-            let slot = usize::from(kind == "tls");
-            let mut sockets = inherited(kind, index[slot], addr).into_iter();
-            index[slot] += 1;
+        let proxy = config.proxy.listen.iter().enumerate();
+        let proxy = proxy.map(|(i, &addr)| (addr, upgrade::listener_group(config, None, i)));
+        let tls = config.proxy.tls.iter().enumerate();
+        let tls = tls.map(|(i, l)| (l.listen, upgrade::listener_group(config, Some(i), 0)));
+        for (n, (addr, group)) in proxy.chain(tls).enumerate() {
+            let is_tls = n >= config.proxy.listen.len();
+            let mut sockets = inherited(group).into_iter();
             let first = match sockets.next() {
                 Some(socket) => socket,
-                None => reusable(addr, what)?,
+                None => reusable(addr, if is_tls { " (tls)" } else { "" })?,
             };
             let first = TcpListener::from_std(first)?;
-            if kind == "tls" {
+            if is_tls {
                 listeners.tls.push(first);
             } else {
                 listeners.proxy.push(first);
@@ -134,7 +133,7 @@ impl Listeners {
             listeners.siblings.push(sockets.collect());
         }
         listeners.admin = match config.admin.listen {
-            Some(addr) => match inherited("admin", 0, addr).pop() {
+            Some(addr) => match inherited(upgrade::admin_group(addr)).pop() {
                 Some(socket) => Some(TcpListener::from_std(socket)?),
                 None => Some(TcpListener::bind(addr).await.map_err(|e| {
                     io::Error::new(e.kind(), format!("cannot listen on {addr} (admin): {e}"))
@@ -303,13 +302,10 @@ impl Proxy {
         }
         if let Some(listener) = listeners.admin {
             self.shared.status.listening("admin", local(&listener));
-            let admin_addr = self.shared.runtime().config.admin.listen;
-            let group = upgrade::group(
-                "admin",
-                0,
-                &admin_addr.map_or(String::new(), |a| a.to_string()),
-            );
-            self.shared.upgrade.listening(&group, &listener);
+            if let Some(addr) = self.shared.runtime().config.admin.listen {
+                let group = upgrade::admin_group(addr);
+                self.shared.upgrade.listening(&group, &listener);
+            }
             tokio::spawn(admin::serve(
                 listener,
                 self.shared.clone(),
@@ -347,19 +343,12 @@ impl Proxy {
     /// and its configured address.
     fn groups(&self, accepting: &[(TcpListener, Option<usize>)]) -> Vec<String> {
         let config = &self.shared.runtime().config;
-        let mut plain = 0;
+        let mut plain = 0..;
         accepting
             .iter()
-            .map(|(_, tls)| match tls {
-                Some(i) => {
-                    let addr = config.proxy.tls.get(*i).map(|l| l.listen.to_string());
-                    upgrade::group("tls", *i, &addr.unwrap_or_default())
-                }
-                None => {
-                    let addr = config.proxy.listen.get(plain).map(|a| a.to_string());
-                    plain += 1;
-                    upgrade::group("proxy", plain - 1, &addr.unwrap_or_default())
-                }
+            .map(|(_, tls)| {
+                let index = if tls.is_none() { plain.next() } else { None };
+                upgrade::listener_group(config, *tls, index.unwrap_or(0))
             })
             .collect()
     }
@@ -383,8 +372,7 @@ impl Proxy {
         &self,
         relaunch: &upgrade::Relaunch,
     ) -> Result<upgrade::Upgraded, upgrade::Failure> {
-        let stop_accepting = self.shared.stop_accepting.clone();
-        let result = upgrade::upgrade(&self.shared, relaunch, &stop_accepting).await;
+        let result = upgrade::upgrade(&self.shared, relaunch).await;
         match &result {
             Ok(done) => {
                 self.shared.metrics.upgrade("ok");

@@ -30,8 +30,6 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::prefixed::ClientStream;
-
 /// Bytes a direction copies through user space in large reads before it switches to
 /// `splice(2)`.
 const SPLICE_AFTER: u64 = 256 * 1024;
@@ -288,36 +286,6 @@ pub async fn relay_plain(
             flows,
             idle_for: meter.activity.idle_for(),
         })),
-    }
-}
-
-/// Relays for a client connection of either kind: plain TCP takes the fastest [`Mode`]; TLS
-/// to the proxy must pass through user space to be decrypted, so it is copied.
-pub async fn relay_client(
-    client: ClientStream,
-    from_client: FromClient<'_>,
-    upstream: TcpStream,
-    idle_timeout: Duration,
-    counters: Counters<'_>,
-    abort: &CancellationToken,
-) -> Totals {
-    match client {
-        ClientStream::Plain(tcp) => {
-            let mode = Mode::best();
-            relay(
-                mode,
-                tcp,
-                from_client,
-                upstream,
-                idle_timeout,
-                counters,
-                abort,
-            )
-            .await
-        }
-        ClientStream::Tls(tls) => {
-            relay_streams(*tls, from_client, upstream, idle_timeout, counters, abort).await
-        }
     }
 }
 

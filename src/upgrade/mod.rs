@@ -34,6 +34,7 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::config::Config;
 use crate::state::Shared;
 use channel::{Line, Waiting};
 use handover::{Fds, Moving, Record};
@@ -194,19 +195,26 @@ impl State {
     }
 }
 
-/// A listener group's name: which listener of the config, and the address it names (an
-/// inherited socket is used only where the new config names the same address).
-pub fn group(kind: &str, index: usize, addr: &str) -> String {
+/// A proxy listener's group, by which listener of `config` it is: the `[[proxy.tls]]` entry
+/// `tls`, else the `plain`th `[proxy] listen` address. The group names the configured
+/// address too: an inherited socket is used only where the new config names the same one.
+pub fn listener_group(config: &Config, tls: Option<usize>, plain: usize) -> String {
+    let (kind, index, addr) = match tls {
+        Some(i) => ("tls", i, config.proxy.tls.get(i).map(|l| l.listen)),
+        None => ("proxy", plain, config.proxy.listen.get(plain).copied()),
+    };
+    let addr = addr.map_or_else(String::new, |a| a.to_string());
     format!("{kind}/{index}/{addr}")
+}
+
+/// The admin listener's group.
+pub fn admin_group(addr: std::net::SocketAddr) -> String {
+    format!("admin/0/{addr}")
 }
 
 /// Runs an upgrade from the old side. Whatever fails before the new process says `Serving`
 /// leaves this process as it was.
-pub async fn upgrade(
-    shared: &Arc<Shared>,
-    relaunch: &Relaunch,
-    stop_accepting: &CancellationToken,
-) -> Result<Upgraded, Failure> {
+pub async fn upgrade(shared: &Arc<Shared>, relaunch: &Relaunch) -> Result<Upgraded, Failure> {
     let state = &shared.upgrade;
     if shared.is_draining() || state.handed_over.is_cancelled() {
         return Err(Failure::Draining);
@@ -214,16 +222,12 @@ pub async fn upgrade(
     if state.busy.swap(true, Ordering::SeqCst) {
         return Err(Failure::Busy);
     }
-    let result = run(shared, relaunch, stop_accepting).await;
+    let result = run(shared, relaunch).await;
     state.busy.store(false, Ordering::SeqCst);
     result
 }
 
-async fn run(
-    shared: &Arc<Shared>,
-    relaunch: &Relaunch,
-    stop_accepting: &CancellationToken,
-) -> Result<Upgraded, Failure> {
+async fn run(shared: &Arc<Shared>, relaunch: &Relaunch) -> Result<Upgraded, Failure> {
     let timeout = shared.runtime().config.proxy.upgrade_timeout;
     let waiting = Waiting::listen().map_err(Failure::Line)?;
     let mut child = tokio::process::Command::new(&relaunch.exe)
@@ -282,7 +286,7 @@ async fn run(
         }
     };
     // The new process serves: from here on, this one only hands over.
-    stop_accepting.cancel();
+    shared.stop_accepting.cancel();
     let tunnels = hand_over_tunnels(shared, line).await;
     shared.upgrade.handed_over.cancel();
     Ok(Upgraded { pid, tunnels })
