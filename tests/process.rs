@@ -308,9 +308,16 @@ async fn running_out_of_file_descriptors_backs_off_and_recovers() {
 async fn logs_are_text_on_a_terminal_and_json_otherwise() {
     let World { dns, dir, path, .. } = World::new(&[]).await;
     write_config(&path, dns.addr, String::new(), false);
+    let pid_file = dir.path().join("pid");
     let first_line = |env: Option<&str>, tty: bool| {
         let binary = env!("CARGO_BIN_EXE_portcullis");
-        let command = format!("exec {binary} --config {}", path.display());
+        // The shell's pid is the proxy's after `exec`: under `script` the proxy is not our
+        // child, and killing `script` leaves it running.
+        let command = format!(
+            "echo $$ > {}; exec {binary} --config {}",
+            pid_file.display(),
+            path.display()
+        );
         let mut run = if tty {
             let mut script = std::process::Command::new("script");
             script.args(["-qefc", &command, "/dev/null"]);
@@ -331,6 +338,10 @@ async fn logs_are_text_on_a_terminal_and_json_otherwise() {
         let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+        let proxy = std::fs::read_to_string(&pid_file).unwrap();
+        let _ = std::process::Command::new("kill")
+            .args(["-9", proxy.trim()])
+            .status();
         let _ = child.kill();
         let _ = child.wait();
         line
