@@ -116,7 +116,7 @@ pub async fn handle(
                 let permit = permit.lock().unwrap_or_else(|e| e.into_inner()).take();
                 let tunnel = Tunnel {
                     admitted,
-                    handles,
+                    active: ActiveTunnel::new(handles),
                     tunnel_duration: latency.tunnel_duration,
                     entry,
                     timeouts,
@@ -210,7 +210,8 @@ pub type ConnectionPermit = Arc<std::sync::Mutex<Option<OwnedSemaphorePermit>>>;
 /// Everything a tunnel task owns.
 struct Tunnel {
     admitted: Admitted,
-    handles: Arc<DomainMetrics>,
+    /// Holds `tunnels_active` up from the 200 on.
+    active: ActiveTunnel,
     /// `tunnel_duration_seconds`, for the tunnel's rule (and domain, with `domain_histograms`).
     tunnel_duration: Histogram,
     entry: Entry,
@@ -479,66 +480,84 @@ pub fn dial_order(addrs: Vec<IpAddr>) -> Vec<IpAddr> {
     out
 }
 
-/// Spawns the tunnel task: waits for hyper to hand over the connection, then relays.
+/// Spawns the tunnel's opening: waits for hyper to hand over the connection, checks the
+/// ClientHello, then spawns the relay as a task of its own and ends.
+///
+/// Two tasks rather than one because a task's memory is the largest state its future can
+/// be in, for as long as it lives. The opening's state (hyper's upgrade, the ClientHello
+/// read under a timeout) is larger than the relay's, and a streaming tunnel relays for
+/// hours: as one task, every open tunnel kept pages of it resident.
 fn open_tunnel(shared: Arc<Shared>, upgrade: hyper::upgrade::OnUpgrade, tunnel: Tunnel) {
-    let Tunnel {
-        admitted,
-        handles,
-        tunnel_duration,
-        mut entry,
-        timeouts,
-        permit,
-    } = tunnel;
-    let active = ActiveTunnel::new(handles);
     // Taken now, while the connection's own task still counts: an upgrade waits for this
     // tunnel from the moment it exists.
     let moving = shared.upgrade.movable.token();
     let tasks = shared.tasks.clone();
     tasks.spawn(async move {
-        let Admitted {
-            upstream,
-            slot,
-            sni,
-            ..
-        } = admitted;
-        let started = Instant::now();
-        let open = shared.status.open.register(OpenTunnel::new(
-            entry.client,
-            &entry.host,
-            entry.port,
-            &entry.rule,
-        ));
-        let Some((mut client, early)) = take_client(upgrade).await else {
-            return;
-        };
-        let early = if sni == SniMode::Enforce {
-            let checked = enforce_sni(&mut client, early, timeouts.hello, &mut entry).await;
-            let reason = checked.as_ref().err().copied();
-            record(&shared, &active.0.label, &entry, reason);
-            match checked {
-                Ok(early) => early,
-                Err(_) => return,
-            }
-        } else {
-            early
-        };
-        let live = Live {
-            active,
-            tunnel_duration,
-            open,
-            slot: Some(slot),
-            permit,
-            started,
-            idle: timeouts.idle,
-        };
-        let ends = Ends {
-            client,
-            origin: upstream,
-            early,
-            sni,
-        };
-        tunnel_task::run(shared, live, entry, ends, moving).await;
+        if let Some((live, entry, ends)) = opening(&shared, upgrade, tunnel).await {
+            shared
+                .tasks
+                .spawn(tunnel_task::run(shared.clone(), live, entry, ends, moving));
+        }
     });
+}
+
+/// A tunnel from the 200 to its first relayed byte: `None` when the client left or its
+/// ClientHello was refused (logged and counted here).
+async fn opening(
+    shared: &Arc<Shared>,
+    upgrade: hyper::upgrade::OnUpgrade,
+    tunnel: Tunnel,
+) -> Option<(Live, Entry, Ends)> {
+    let Tunnel {
+        admitted,
+        active,
+        tunnel_duration,
+        mut entry,
+        timeouts,
+        permit,
+    } = tunnel;
+    let Admitted {
+        upstream,
+        slot,
+        sni,
+        ..
+    } = admitted;
+    let started = Instant::now();
+    let open = shared.status.open.register(OpenTunnel::new(
+        entry.client,
+        &entry.host,
+        entry.port,
+        &entry.rule,
+    ));
+    let (mut client, early) = take_client(upgrade).await?;
+    let early = if sni == SniMode::Enforce {
+        let checked = enforce_sni(&mut client, early, timeouts.hello, &mut entry).await;
+        record(
+            shared,
+            &active.0.label,
+            &entry,
+            checked.as_ref().err().copied(),
+        );
+        checked.ok()?
+    } else {
+        early
+    };
+    let live = Live {
+        active,
+        tunnel_duration,
+        open,
+        slot: Some(slot),
+        permit,
+        started,
+        idle: timeouts.idle,
+    };
+    let ends = Ends {
+        client,
+        origin: upstream,
+        early,
+        sni,
+    };
+    Some((live, entry, ends))
 }
 
 /// Reads the ClientHello before a byte goes on (`sni = "enforce"`). Returns the bytes to

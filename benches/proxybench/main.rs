@@ -579,6 +579,7 @@ fn store_stream(
     add("client_us", s.client_us);
     add("client_wait", s.client_wait_us);
     add("origin_cores", s.origin_cores);
+    add("ends_sys", s.ends_system_us);
     add("machine_cores", s.machine_cores);
     add("steal_cores", s.steal_cores);
     add("other_cores", s.other_cores);

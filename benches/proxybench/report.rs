@@ -1235,6 +1235,11 @@ fn stream_section(out: &mut String, store: &Store, peers: &[Kind], args: &RunArg
         ),
         row("origin cores used", "stream/origin_cores", 3),
         row(
+            "kernel CPU of the two ends (load generator + origin) per round trip (µs)",
+            "stream/ends_sys",
+            2,
+        ),
+        row(
             "machine busy cores (all processes)",
             "stream/machine_cores",
             2,
@@ -1317,10 +1322,38 @@ fn stream_section(out: &mut String, store: &Store, peers: &[Kind], args: &RunArg
         let _ = writeln!(out, "| {} | {} | {} |", t.what, t.value, verdict(t.met));
     }
     out.push('\n');
+    stream_floor(out, store);
     rows.into_iter()
         .map(|r| Row {
             label: format!("stream: {}", r.label),
             ..r
         })
         .collect()
+}
+
+/// Says how the CPU target compares with the kernel's price for a round trip: what the two
+/// ends of a direct connection spend in the kernel for the same frames, which a proxy (a
+/// read and a write each way, the same system calls) cannot go below.
+fn stream_floor(out: &mut String, store: &Store) {
+    let m = |key: &str, peer: Kind| store.median(key, peer.name());
+    let floor = m("stream/ends_sys", Kind::Direct);
+    let target = 0.4 * m("stream/cpu", Kind::Squid);
+    if !(floor.is_finite() && target.is_finite()) {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "The kernel's floor for a frame round trip: with no proxy, the load generator and the \
+         origin spent {} µs in the kernel per round trip between them (a write and a read \
+         at each end; a relaying proxy makes the same calls, a read and a write each way). \
+         0.4× Squid's CPU is {} µs: {} the floor. portcullis' kernel time was {} µs, {} the \
+         floor; Squid's {} µs, {}.\n",
+        fmt(floor, 2),
+        fmt(target, 2),
+        ratio(target, floor),
+        fmt(m("stream/sys", Kind::Portcullis), 2),
+        ratio(m("stream/sys", Kind::Portcullis), floor),
+        fmt(m("stream/sys", Kind::Squid), 2),
+        ratio(m("stream/sys", Kind::Squid), floor),
+    );
 }

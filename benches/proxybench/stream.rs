@@ -106,6 +106,11 @@ pub struct Stream {
     pub client_wait_us: f64,
     /// The origin's CPU, cores.
     pub origin_cores: f64,
+    /// Kernel CPU of the tunnel's two ends (the load generator's threads and the origin)
+    /// per frame round trip, µs. Between them they make the system calls a relaying proxy
+    /// makes (a write and a read at each end), so direct's figure is the kernel's price
+    /// for a round trip on this machine: what no proxy can go below.
+    pub ends_system_us: f64,
     /// The whole machine's busy cores over the window (everything running, ours or not).
     pub machine_cores: f64,
     /// Cores' worth of time the host took from this virtual machine while it wanted to run.
@@ -131,6 +136,8 @@ struct Snapshot {
     proxy_system: f64,
     client: Sched,
     origin: Sched,
+    /// Kernel seconds of the load generator's own threads plus the origin's.
+    ends_system: f64,
     machine: f64,
     steal: f64,
 }
@@ -147,6 +154,8 @@ impl Meters {
             proxy_system,
             client: procfs::sched_own(std::process::id()),
             origin: procfs::sched_tree(self.origin),
+            ends_system: procfs::system_seconds(std::process::id(), self.ticks)
+                + procfs::cpu_split(self.origin, self.ticks).1,
             machine,
             steal,
         };
@@ -444,6 +453,7 @@ fn summarize(
     s.client_us = per_frame(run(client));
     s.client_wait_us = per_frame(client.wait_ns as f64 / 1e9);
     s.origin_cores = run(origin) / wall;
+    s.ends_system_us = per_frame(after.ends_system - before.ends_system);
     s.machine_cores = (after.machine - before.machine) / wall;
     s.steal_cores = (after.steal - before.steal) / wall;
     let proxy_cores = if proxied { s.cores } else { 0.0 };

@@ -20,6 +20,7 @@ pub mod task;
 use std::cell::RefCell;
 use std::future::Future;
 use std::io;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -257,35 +258,54 @@ pub struct PipeState {
 
 /// Relays a plain-TCP tunnel until it ends, or until `stops.park` fires; then the sockets
 /// and both flows come back for a new process to continue.
-pub async fn relay_plain(
+///
+/// An `async` block rather than an `async fn`: an async fn rebinds its arguments, and the
+/// compiler keeps both copies in the future, which lives (and stays resident) as long as
+/// the tunnel. The same holds for the task functions that await this one.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+pub fn relay_plain(
     mode: Mode,
-    tunnel: Plain,
+    mut tunnel: Plain,
     tap: Option<Tap<'_>>,
     idle_timeout: Duration,
     counters: Counters<'_>,
     stops: Stops<'_>,
-) -> Relayed {
-    let Plain {
-        client,
-        origin,
-        mut flows,
-        idle_for,
-    } = tunnel;
-    let meter = Meter::resumed(counters, idle_for);
-    let (up_flow, down_flow) = (&mut flows.up, &mut flows.down);
-    let up = forward(mode, &client, &origin, meter.upstream(), tap, up_flow);
-    let down = forward(mode, &origin, &client, meter.downstream(), None, down_flow);
-    let run = meter.run(up, down, idle_timeout, stops);
-    let end = run.await;
-    let pipe_fallback = flows.up.pipe_fallback || flows.down.pipe_fallback;
-    match end {
-        Some(end) => Relayed::Ended(meter.totals(end, pipe_fallback)),
-        None => Relayed::Parked(Box::new(Plain {
-            client,
-            origin,
-            flows,
-            idle_for: meter.activity.idle_for(),
-        })),
+) -> impl Future<Output = Relayed> {
+    async move {
+        let meter = Meter::resumed(counters, tunnel.idle_for);
+        let (client, origin) = (&tunnel.client, &tunnel.origin);
+        let (up_flow, down_flow) = (&mut tunnel.flows.up, &mut tunnel.flows.down);
+        let end = {
+            let up = pin!(forward(
+                mode,
+                client,
+                origin,
+                meter.upstream(),
+                tap,
+                up_flow
+            ));
+            let down = pin!(forward(
+                mode,
+                origin,
+                client,
+                meter.downstream(),
+                None,
+                down_flow
+            ));
+            meter.run(up, down, idle_timeout, stops).await
+        };
+        let flows = &tunnel.flows;
+        let pipe_fallback = flows.up.pipe_fallback || flows.down.pipe_fallback;
+        match end {
+            Some(end) => Relayed::Ended(meter.totals(end, pipe_fallback)),
+            None => {
+                tunnel.idle_for = meter.activity.idle_for();
+                Relayed::Parked(Box::new(tunnel))
+            }
+        }
     }
 }
 
@@ -327,6 +347,7 @@ where
         abort,
         park: &never,
     };
+    let (up, down) = (pin!(up), pin!(down));
     let end = meter.run(up, down, idle_timeout, stops).await;
     meter.totals(end.unwrap_or(End::Shutdown), false)
 }
@@ -370,11 +391,12 @@ impl<'a> Meter<'a> {
     }
 
     /// Drives both directions to the end, or until the tunnel idles out or is stopped;
-    /// `None` when it was parked.
+    /// `None` when it was parked. The directions come pinned in the caller's frame: moved
+    /// in, they would be stored twice in a long-lived tunnel's task.
     async fn run(
         &self,
-        up: impl Future<Output = io::Result<()>>,
-        down: impl Future<Output = io::Result<()>>,
+        up: Pin<&mut impl Future<Output = io::Result<()>>>,
+        down: Pin<&mut impl Future<Output = io::Result<()>>>,
         idle_timeout: Duration,
         stops: Stops<'_>,
     ) -> Option<End> {

@@ -3,6 +3,7 @@
 //! process (or, if no upgrade takes it any more, goes on here). [`resume`] is the same life
 //! picked up by the process a tunnel was handed to.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -75,57 +76,69 @@ pub struct Ends {
 
 /// Relays a tunnel that has just opened. `moving` keeps an upgrade waiting until a plain
 /// tunnel has parked or ended; a TLS client's tunnel cannot move and lets it go.
-pub async fn run(
+///
+/// This future is an open tunnel's whole task, so it is kept small: an `async` block
+/// (see [`tunnel::relay_plain`] for why), the `sni = "log"` watch boxed, the TLS relay boxed.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+pub fn run(
     shared: Arc<Shared>,
     live: Live,
     entry: Entry,
     ends: Ends,
     moving: TaskTrackerToken,
-) {
-    let Ends {
-        client,
-        origin,
-        early,
-        sni,
-    } = ends;
-    // `sni = "log"`: the tap judges the ClientHello as it passes and leaves the name here.
-    let seen = Mutex::new(None::<String>);
-    let mut watched = (sni == SniMode::Log).then(|| (entry.clone(), sni::Watch::default()));
-    let mut watching = |bytes: &[u8]| {
-        let Some((entry, watch)) = watched.as_mut() else {
-            return false;
-        };
-        match watch.observe(bytes) {
-            None => true,
-            Some(hello) => {
-                let _ = judge_sni(hello, SniMode::Log, entry);
-                *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(entry.sni.clone());
-                false
-            }
-        }
-    };
-    let tap = (sni == SniMode::Log).then_some(&mut watching as Tap<'_>);
-    match client {
-        ClientStream::Plain(tcp) => {
-            let plain = Plain {
-                client: tcp,
-                origin,
-                flows: Flows::opening(early),
-                idle_for: Duration::ZERO,
+) -> impl Future<Output = ()> {
+    async move {
+        // `sni = "log"`: the tap judges the ClientHello as it passes and leaves the name here.
+        let seen = Mutex::new(None::<String>);
+        let log_sni = ends.sni == SniMode::Log;
+        let mut watched = log_sni.then(|| Box::new((entry.clone(), sni::Watch::default())));
+        let mut watching = |bytes: &[u8]| {
+            let Some((entry, watch)) = watched.as_deref_mut() else {
+                return false;
             };
-            go_on(&shared, live, entry, plain, tap, &seen, moving).await;
-        }
-        ClientStream::Tls(tls) => {
-            drop(moving);
-            let from_client = FromClient { early, tap };
-            let counters = live.counters();
-            let idle = live.idle;
-            let totals =
-                tunnel::relay_streams(*tls, from_client, origin, idle, counters, &shared.abort)
-                    .await;
-            let mut entry = entry;
-            note_sni(&mut entry, &seen);
-            close(&shared, live, &entry, totals);
+            match watch.observe(bytes) {
+                None => true,
+                Some(hello) => {
+                    let _ = judge_sni(hello, SniMode::Log, entry);
+                    *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(entry.sni.clone());
+                    false
+                }
+            }
+        };
+        let tap = log_sni.then_some(&mut watching as Tap<'_>);
+        match ends.client {
+            ClientStream::Plain(tcp) => {
+                let plain = Plain {
+                    client: tcp,
+                    origin: ends.origin,
+                    flows: Flows::opening(ends.early),
+                    idle_for: Duration::ZERO,
+                };
+                go_on(&shared, live, entry, plain, tap, &seen, moving).await;
+            }
+            ClientStream::Tls(tls) => {
+                drop(moving);
+                let from_client = FromClient {
+                    early: ends.early,
+                    tap,
+                };
+                let (counters, idle) = (live.counters(), live.idle);
+                let relay = tunnel::relay_streams(
+                    *tls,
+                    from_client,
+                    ends.origin,
+                    idle,
+                    counters,
+                    &shared.abort,
+                );
+                let totals = Box::pin(relay).await;
+                let mut entry = entry;
+                note_sni(&mut entry, &seen);
+                close(&shared, live, &entry, totals);
+            }
         }
     }
 }
@@ -163,40 +176,47 @@ pub async fn resume(shared: Arc<Shared>, moving: Moving) {
 }
 
 /// The plain relay, parked and handed over when an upgrade asks; closes and logs when it ends.
-async fn go_on(
-    shared: &Arc<Shared>,
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps its arguments twice"
+)]
+fn go_on<'a>(
+    shared: &'a Arc<Shared>,
     live: Live,
     mut entry: Entry,
     mut plain: Plain,
-    mut tap: Option<Tap<'_>>,
-    seen: &Mutex<Option<String>>,
-    _moving: TaskTrackerToken,
-) {
-    loop {
-        let park = shared.upgrade.park_token();
-        let stops = Stops {
-            abort: &shared.abort,
-            park: &park,
-        };
-        let counters = live.counters();
-        let relayed =
-            tunnel::relay_plain(Mode::best(), plain, tap.take(), live.idle, counters, stops).await;
-        note_sni(&mut entry, seen);
-        let parked = match relayed {
-            Relayed::Ended(totals) => return close(shared, live, &entry, totals),
-            Relayed::Parked(parked) => parked,
-        };
-        let moving = Moving {
-            entry: entry.clone(),
-            opened: live.open.tunnel.opened,
-            bytes: live.open.tunnel.bytes(),
-            idle_timeout: live.idle,
-            plain: parked,
-        };
-        match shared.upgrade.hand(Box::new(moving)) {
-            // Gone to the new process: this one lets go of its gauge, slot and permit.
-            Ok(()) => return,
-            Err(back) => plain = *back.plain,
+    mut tap: Option<Tap<'a>>,
+    seen: &'a Mutex<Option<String>>,
+    moving: TaskTrackerToken,
+) -> impl Future<Output = ()> + 'a {
+    async move {
+        let _moving = moving;
+        loop {
+            let park = shared.upgrade.park_token();
+            let stops = Stops {
+                abort: &shared.abort,
+                park: &park,
+            };
+            let (counters, idle) = (live.counters(), live.idle);
+            let relayed =
+                tunnel::relay_plain(Mode::best(), plain, tap.take(), idle, counters, stops).await;
+            note_sni(&mut entry, seen);
+            let parked = match relayed {
+                Relayed::Ended(totals) => return close(shared, live, &entry, totals),
+                Relayed::Parked(parked) => parked,
+            };
+            let moving = Moving {
+                entry: entry.clone(),
+                opened: live.open.tunnel.opened,
+                bytes: live.open.tunnel.bytes(),
+                idle_timeout: live.idle,
+                plain: parked,
+            };
+            match shared.upgrade.hand(Box::new(moving)) {
+                // Gone to the new process: this one lets go of its gauge, slot and permit.
+                Ok(()) => return,
+                Err(back) => plain = *back.plain,
+            }
         }
     }
 }
