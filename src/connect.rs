@@ -434,7 +434,10 @@ pub fn published(ranges: Option<&IpRanges>, rule: &Rule, addr: IpAddr) -> bool {
 }
 
 /// Tries each address in turn; each attempt gets a fair share of the time left, so one
-/// black-holed address cannot eat the whole `connect_timeout`.
+/// black-holed address cannot eat the whole `connect_timeout`. The last address has no timer
+/// of its own: the caller's `connect_timeout` already bounds it, and a second timer costs
+/// every tunnel (usually dialling its only address) a timer-wheel entry and, on a quiet
+/// worker, a wake-up of its event loop.
 async fn connect_any(
     addrs: &[IpAddr],
     port: u16,
@@ -444,21 +447,25 @@ async fn connect_any(
     for (i, &ip) in addrs.iter().enumerate() {
         let addr = SocketAddr::new(ip, port);
         entry.resolved = Some(addr);
-        let left = deadline.saturating_duration_since(Instant::now());
-        let share = left / (addrs.len() - i) as u32;
-        match tokio::time::timeout(
-            share.max(Duration::from_millis(1)),
-            TcpStream::connect(addr),
-        )
-        .await
-        {
-            Ok(Ok(stream)) => {
+        let connected = if i + 1 == addrs.len() {
+            TcpStream::connect(addr).await
+        } else {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let share = (left / (addrs.len() - i) as u32).max(Duration::from_millis(1));
+            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(connected) => connected,
+                Err(_) => {
+                    tracing::debug!(%addr, "connect timed out; trying the next address");
+                    continue;
+                }
+            }
+        };
+        match connected {
+            Ok(stream) => {
                 let _ = stream.set_nodelay(true);
                 return Ok(stream);
             }
-            Ok(Err(e)) => tracing::debug!(%addr, error = %e, "connect failed"),
-            Err(_) if i + 1 == addrs.len() => return Err(Reason::UpstreamTimeout),
-            Err(_) => tracing::debug!(%addr, "connect timed out; trying the next address"),
+            Err(e) => tracing::debug!(%addr, error = %e, "connect failed"),
         }
     }
     Err(Reason::UpstreamUnreachable)

@@ -263,7 +263,7 @@ impl Proxy {
         let groups = self.groups(&accepting);
         let keepalive = self.shared.keepalive();
         for ((listener, tls), group) in accepting.iter().zip(&groups) {
-            net::keepalive::listening(listener, keepalive);
+            net::prepare_listener(listener, keepalive);
             self.shared.upgrade.listening(group, listener);
             let kind = if tls.is_some() {
                 "proxy (tls)"

@@ -141,7 +141,7 @@ async fn serve_connection(
     else {
         return;
     };
-    let _ = stream.set_nodelay(true);
+    // TCP_NODELAY came from the listener (`net::prepare_listener`).
     let (mut stream, client) = match tls {
         None => (ClientStream::Plain(stream), client),
         Some(index) => {

@@ -80,7 +80,7 @@ impl Worker {
         shared: Arc<Shared>,
     ) -> io::Result<(Worker, tokio::runtime::Handle)> {
         for (socket, _) in &own {
-            crate::net::keepalive::listening(socket, shared.keepalive());
+            crate::net::prepare_listener(socket, shared.keepalive());
         }
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
