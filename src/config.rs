@@ -20,10 +20,10 @@ use toml::Spanned;
 use crate::auth::UsersFile;
 use crate::ip_ranges::IpRanges;
 use crate::ip_ranges::fetch::{self, Url};
-use crate::metrics::DomainLabel;
 use crate::net::keepalive::{KeepAlive, MAX_IDLE};
 use crate::rules::{self, Host, Rule, RuleSet};
 use crate::sni::SniMode;
+use crate::telemetry::metrics::DomainLabel;
 use crate::tls::{self, TlsListener};
 
 /// The AppStream profile, compiled in so a bare `portcullis` is useful.

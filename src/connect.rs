@@ -26,20 +26,20 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::access_log::Entry;
 use crate::auth::{Authenticator, Denied};
 use crate::config::MetricsConfig;
 use crate::destination::Policy;
 use crate::dns::{CachePath, DnsFailure};
 use crate::error::Reason;
 use crate::ip_ranges::IpRanges;
-use crate::metrics::{DomainLabel, DomainMetrics, INVALID, Metrics};
 use crate::net::proxy_protocol::Header;
 use crate::prefixed::{ClientStream, Prefixed};
 use crate::rules::{self, Host, Rule, Verdict};
 use crate::sni::{self, Hello, SniMode};
 use crate::state::{ClientSlot, Runtime, Shared};
 use crate::telemetry::OpenTunnel;
+use crate::telemetry::access_log::Entry;
+use crate::telemetry::metrics::{DomainLabel, DomainMetrics, INVALID, Metrics};
 use crate::tunnel::task::{self as tunnel_task, ActiveTunnel, Ends, Live};
 
 /// Who is on the other end of a client connection.

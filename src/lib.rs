@@ -13,14 +13,10 @@
 //! - [`tunnel`]: relaying bytes both ways; [`tunnel::task`], an open tunnel's task: relay, park
 //!   for an upgrade, close and log.
 //! - [`sni`]: the ClientHello parser and the SNI-matches-CONNECT check.
-//! - [`metrics`]: the Prometheus registry and per-domain handles.
 //! - [`explain`]: would a CONNECT pass, and why (`portcullis explain`, `/explain`).
 //! - [`admin`]: `/metrics`, `/healthz`, `/readyz`, `/proxy.pac`, `/explain`; and
 //!   [`admin::healthcheck`], `portcullis healthcheck`, the client side of `/healthz` and
 //!   `/readyz` that a container's `HEALTHCHECK` runs.
-//! - [`access_log`]: the decision and tunnel-close events.
-//! - [`log_writer`]: the batching, never-blocking stdout sink behind the logs.
-//! - [`log_format`]: the JSON log line, written without serde.
 //! - [`error`]: refusal reasons and the one mapping to replies.
 //! - [`auth`]: optional `Proxy-Authorization: Basic` against a users file.
 //! - [`state`]: what connections share; config swaps on reload.
@@ -28,7 +24,12 @@
 //! - [`prefixed`]: the client's stream (TCP or TLS) with already-read bytes put back in front.
 //! - [`tls`]: TLS for the proxy's own listeners, with optional client certificates.
 //! - [`workers`]: one single-threaded event loop per core, each accepting on its own socket.
-//! - [`telemetry`]: what the status page shows: open tunnels, recent refusals, reloads.
+//! - [`telemetry`]: what the proxy tells its operators, kept apart from the data path:
+//!   [`telemetry::metrics`] (the Prometheus registry and per-domain handles),
+//!   [`telemetry::access_log`] (the decision and tunnel-close events),
+//!   [`telemetry::log_format`] (the JSON log line, written without serde),
+//!   [`telemetry::log_writer`] (the batching, never-blocking stdout sink behind the logs), and
+//!   what the status page shows: open tunnels, recent refusals, reloads.
 //! - [`net`]: below HTTP: the PROXY protocol (client identity behind a balancer), TCP keepalive.
 //! - [`upgrade`]: SIGUSR2: a new binary takes over the listeners and every plain tunnel.
 //!
@@ -36,7 +37,6 @@
 //! listeners bound on port 0.
 #![forbid(unsafe_code)]
 
-pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod config;
@@ -46,9 +46,6 @@ pub mod dns;
 pub mod error;
 pub mod explain;
 pub mod ip_ranges;
-pub mod log_format;
-pub mod log_writer;
-pub mod metrics;
 pub mod net;
 pub mod prefixed;
 pub mod reload;
@@ -72,8 +69,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-use metrics::Metrics;
 use state::{Runtime, Shared};
+use telemetry::metrics::Metrics;
 
 /// The sockets a proxy serves on. Bound by the caller, so tests can use port 0 and a
 /// supervisor could pass sockets in.

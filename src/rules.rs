@@ -13,8 +13,8 @@ use globset::{GlobBuilder, GlobMatcher};
 use rustc_hash::FxHashMap;
 
 use crate::error::Reason;
-use crate::metrics::DomainLabel;
 use crate::sni::SniMode;
+use crate::telemetry::metrics::DomainLabel;
 
 /// RFC 1035 limits, the ones resolvers enforce too.
 const MAX_NAME_LEN: usize = 253;

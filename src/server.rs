@@ -18,7 +18,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
-use crate::access_log;
 use crate::connect;
 use crate::connect::ClientInfo;
 use crate::error::Reason;
@@ -27,6 +26,7 @@ use crate::net::proxy_protocol::{self, Refused};
 use crate::prefixed::{ClientStream, Prefixed};
 use crate::state::Runtime;
 use crate::state::Shared;
+use crate::telemetry::access_log;
 use crate::tls;
 use tokio::time::Instant;
 
@@ -243,9 +243,11 @@ async fn secure(
 /// A request head hyper must not see: 400, counted, logged, and on the status page with the
 /// target as sent.
 async fn malformed(stream: &mut ClientStream, client: &ClientInfo, shared: &Shared, head: &[u8]) {
-    shared
-        .metrics
-        .request(crate::metrics::INVALID, "", Some(Reason::BadRequest));
+    shared.metrics.request(
+        crate::telemetry::metrics::INVALID,
+        "",
+        Some(Reason::BadRequest),
+    );
     access_log::Entry::new(client).decision(Some(Reason::BadRequest));
     let reason = Reason::BadRequest.as_str();
     let refusals = &shared.status.refusals;

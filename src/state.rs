@@ -19,9 +19,9 @@ use crate::destination::Policy;
 use crate::dns::Resolver;
 use crate::ip_ranges::IpRanges;
 use crate::ip_ranges::refresh::{self, Conditional};
-use crate::metrics::Metrics;
 use crate::net::keepalive::KeepAlive;
 use crate::telemetry::Status;
+use crate::telemetry::metrics::Metrics;
 
 /// One config, compiled into what the data path uses. Immutable; a reload builds a new one.
 pub struct Runtime {

@@ -13,8 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::log_format::timestamp;
 use crate::state::Shared;
+use crate::telemetry::log_format::timestamp;
 
 /// Individual tunnels listed (the longest-open first).
 pub const MAX_ROWS: usize = 100;

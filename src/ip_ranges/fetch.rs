@@ -27,9 +27,9 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use crate::dns::{CachePath, DnsFailure};
-use crate::metrics::Metrics;
 use crate::rules::{self, Host};
 use crate::state::Runtime;
+use crate::telemetry::metrics::Metrics;
 
 /// The whole exchange, DNS to last body byte. The real file is about 2 MB; a minute is ample
 /// on a slow link and still frees the refresher from a server that trickles.

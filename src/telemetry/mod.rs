@@ -1,11 +1,21 @@
-//! What the proxy is doing now, kept for an operator to look at: the open tunnels, the most
-//! recent refusals, the reloads. The status page (`GET /`, `/status.json`) reads it.
+//! What the proxy tells its operators, kept apart from the data path, which only bumps
+//! counters and hands finished events over:
 //!
-//! Everything here is bounded whatever the load: the open-tunnel table holds one small entry
-//! per open tunnel (which `max_connections` bounds) and nothing after it closes, and the
+//! - [`metrics`]: the Prometheus registry and the per-domain handles the data path holds.
+//! - [`access_log`]: one event per decision and per closed tunnel; [`log_format`] writes it
+//!   as a JSON line and [`log_writer`] batches lines to stdout without ever blocking a worker.
+//! - The status (`GET /`, `/status.json`, below): the open tunnels, the most recent
+//!   refusals, the reloads.
+//!
+//! The status is bounded whatever the load: the open-tunnel table holds one small entry per
+//! open tunnel (which `max_connections` bounds) and nothing after it closes, and the
 //! refusals are a ring of fixed size. The data path pays one map insert and one removal per
 //! tunnel; its byte counts are the same atomics the relay already adds to.
 
+pub mod access_log;
+pub mod log_format;
+pub mod log_writer;
+pub mod metrics;
 pub mod open;
 pub mod recent;
 

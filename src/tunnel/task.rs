@@ -14,13 +14,13 @@ use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use crate::access_log::Entry;
 use crate::connect::judge_sni;
-use crate::metrics::DomainMetrics;
 use crate::prefixed::ClientStream;
 use crate::sni::{self, SniMode};
 use crate::state::{ClientSlot, Shared};
 use crate::telemetry::OpenTunnel;
+use crate::telemetry::access_log::Entry;
+use crate::telemetry::metrics::DomainMetrics;
 use crate::telemetry::open::Registered;
 use crate::tunnel::{self, Counters, Flows, FromClient, Mode, Plain, Relayed, Stops, Tap, Totals};
 use crate::upgrade::handover::Moving;

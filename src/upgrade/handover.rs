@@ -18,8 +18,8 @@ use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpStream;
 
-use crate::access_log::Entry;
 use crate::dns::CachePath;
+use crate::telemetry::access_log::Entry;
 use crate::tunnel::{Flow, Flows, PipeState, Plain};
 
 /// A parked tunnel with its history, in this process.
