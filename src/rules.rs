@@ -13,7 +13,6 @@ use globset::{GlobBuilder, GlobMatcher};
 use rustc_hash::FxHashMap;
 
 use crate::error::Reason;
-use crate::sni::SniMode;
 use crate::telemetry::metrics::DomainLabel;
 
 /// RFC 1035 limits, the ones resolvers enforce too.
@@ -125,6 +124,39 @@ fn looks_numeric(name: &str, labels: usize) -> bool {
         }
     };
     all_digits(last) || (labels <= 4 && name.split('.').all(inet_aton_part))
+}
+
+/// What a rule does about the ClientHello inside its tunnels (see [`crate::sni`]). A rule's
+/// setting, kept here so the allowlist does not depend on the ClientHello parser.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SniMode {
+    /// Mismatch, missing SNI or non-TLS bytes close the tunnel.
+    #[default]
+    Enforce,
+    /// Mismatches are logged; the tunnel stays open.
+    Log,
+    /// No check; the first bytes are not even read.
+    Off,
+}
+
+impl SniMode {
+    pub fn parse(s: &str) -> Option<SniMode> {
+        match s {
+            "enforce" => Some(SniMode::Enforce),
+            "log" => Some(SniMode::Log),
+            "off" => Some(SniMode::Off),
+            _ => None,
+        }
+    }
+
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SniMode::Enforce => "enforce",
+            SniMode::Log => "log",
+            SniMode::Off => "off",
+        }
+    }
 }
 
 /// One allowlist rule, as configured.

@@ -23,38 +23,6 @@ const HANDSHAKE: u8 = 0x16;
 const CLIENT_HELLO: u8 = 0x01;
 const SERVER_NAME: u16 = 0x0000;
 
-/// Per-rule behaviour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SniMode {
-    /// Mismatch, missing SNI or non-TLS bytes close the tunnel.
-    #[default]
-    Enforce,
-    /// Mismatches are logged; the tunnel stays open.
-    Log,
-    /// No check; the first bytes are not even read.
-    Off,
-}
-
-impl SniMode {
-    pub fn parse(s: &str) -> Option<SniMode> {
-        match s {
-            "enforce" => Some(SniMode::Enforce),
-            "log" => Some(SniMode::Log),
-            "off" => Some(SniMode::Off),
-            _ => None,
-        }
-    }
-
-    /// The config spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SniMode::Enforce => "enforce",
-            SniMode::Log => "log",
-            SniMode::Off => "off",
-        }
-    }
-}
-
 /// What the first bytes of a tunnel turned out to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hello {

@@ -29,8 +29,8 @@ use crate::destination::Via;
 use crate::dns::CachePath;
 use crate::error::Reason;
 use crate::ip_ranges::IpRanges;
+use crate::rules::SniMode;
 use crate::rules::{Host, Rule, RuleSet, Verdict};
-use crate::sni::SniMode;
 use crate::state::{Runtime, Shared};
 
 pub use near_miss::NearMiss;

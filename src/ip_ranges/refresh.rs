@@ -335,7 +335,7 @@ pub async fn run(shared: Arc<Shared>, stop: CancellationToken) {
 mod tests {
     use super::*;
     use crate::rules::Rule;
-    use crate::sni::SniMode;
+    use crate::rules::SniMode;
 
     fn set(sync: u64, services: &[&str]) -> IpRanges {
         let prefixes: Vec<String> = services

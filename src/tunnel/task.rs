@@ -16,7 +16,8 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use crate::connect::judge_sni;
 use crate::prefixed::ClientStream;
-use crate::sni::{self, SniMode};
+use crate::rules::SniMode;
+use crate::sni;
 use crate::state::{ClientSlot, Shared};
 use crate::telemetry::OpenTunnel;
 use crate::telemetry::access_log::Entry;
