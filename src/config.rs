@@ -21,8 +21,7 @@ use crate::auth::UsersFile;
 use crate::ip_ranges::IpRanges;
 use crate::ip_ranges::fetch::{self, Url};
 use crate::net::keepalive::{KeepAlive, MAX_IDLE};
-use crate::rules::SniMode;
-use crate::rules::{self, Host, Rule, RuleSet};
+use crate::rules::{self, Host, Rule, RuleSet, SniMode};
 use crate::telemetry::metrics::DomainLabel;
 use crate::tls::{self, TlsListener};
 
@@ -30,7 +29,18 @@ use crate::tls::{self, TlsListener};
 pub const DEFAULT_CONFIG: &str = include_str!("../config/portcullis.toml");
 
 /// `[admin] listen` when the file does not set it.
-const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+
+/// A set `[admin] listen`: an address, or `""` for no admin listener.
+fn admin_listen_or_off(s: &str) -> Result<Option<SocketAddr>, String> {
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        socket_addr(s, None).map(Some)
+    }
+}
 
 /// A loaded config. Cheap to share behind an `Arc`; never changed once built.
 #[derive(Debug, Clone)]
@@ -217,9 +227,8 @@ impl Config {
         }
         let file: File = toml::from_str(text).map_err(|e| e.message().trim().to_string())?;
         match file.admin.listen.as_deref() {
-            None => Ok(Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid literal"))),
-            Some("") => Ok(None),
-            Some(listen) => socket_addr(listen, None).map(Some),
+            None => Ok(Some(default_admin_listen())),
+            Some(listen) => admin_listen_or_off(listen),
         }
     }
 
@@ -662,9 +671,8 @@ impl RawTls {
 impl RawAdmin {
     fn validate(self, proxy: Option<&ProxyConfig>, p: &mut Problems<'_>) -> Option<AdminConfig> {
         let listen = match &self.listen {
-            None => Some(Some(DEFAULT_ADMIN_LISTEN.parse().expect("valid literal"))),
-            Some(v) if v.get_ref().is_empty() => Some(None),
-            Some(v) => p.check(v, |s| socket_addr(s, None)).map(Some),
+            None => Some(Some(default_admin_listen())),
+            Some(v) => p.check(v, |s| admin_listen_or_off(s)),
         };
         let advertise = match &self.advertise {
             Some(v) => p.check(v, |s| advertise(s)),

@@ -350,10 +350,7 @@ async fn serve(
             let _held = reloading.lock().await;
             match &reloader {
                 Some(reloader) => {
-                    // Off the event loop: parsing a large rule set takes a while (about
-                    // 120 ms at 10,000 rules), and worker 0's tunnels would wait for it.
-                    let reloader = reloader.clone();
-                    let _ = tokio::task::spawn_blocking(move || reloader.reload()).await;
+                    let _ = reloader.reload().await;
                 }
                 None => tracing::info!("SIGHUP: running on the embedded config; nothing to reload"),
             }

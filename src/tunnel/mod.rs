@@ -849,9 +849,13 @@ impl Activity {
         }
     }
 
+    /// When the last byte moved.
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+
     fn idle_for(&self) -> Duration {
-        let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        Instant::now().saturating_duration_since(last)
+        Instant::now().saturating_duration_since(self.last())
     }
 
     fn touch(&self) {
@@ -863,8 +867,7 @@ impl Activity {
     /// per byte.
     async fn idle(&self, timeout: Duration) {
         loop {
-            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-            let deadline = last + timeout;
+            let deadline = self.last() + timeout;
             if Instant::now() >= deadline {
                 return;
             }
