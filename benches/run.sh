@@ -23,7 +23,7 @@ OUT=""
 MICRO=1
 DISK_LOGS=0
 FIGURES=setup,bulk,idle,status,stream
-PEERS=direct,squid,tinyproxy,portcullis,portcullis-nolog
+PEERS=direct,squid,tinyproxy,portcullis,portcullis-nolog,floor
 CONCURRENCY=1,16,64,256
 STATUS_TUNNELS=0,1000,5000
 STREAM_TUNNELS=300
@@ -212,7 +212,7 @@ COMMAND="benches/run.sh"
 [ "$DISK_LOGS" = 1 ] && COMMAND="$COMMAND --disk-logs"
 # A report of some figures or peers says so (the report's header names the other settings).
 [ "$FIGURES" != setup,bulk,idle,status,stream ] && COMMAND="$COMMAND --figures $FIGURES"
-[ "$PEERS" != direct,squid,tinyproxy,portcullis,portcullis-nolog ] && COMMAND="$COMMAND --peers $PEERS"
+[ "$PEERS" != direct,squid,tinyproxy,portcullis,portcullis-nolog,floor ] && COMMAND="$COMMAND --peers $PEERS"
 [ "$STREAM_PRIME" != 320 ] && COMMAND="$COMMAND --stream-prime $STREAM_PRIME"
 
 echo "run.sh: running in a private loopback-only namespace; report: $OUT" >&2

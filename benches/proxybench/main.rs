@@ -5,13 +5,16 @@
 //! only inside such a namespace; it refuses to run where any other network interface exists.
 //!
 //! - `proxybench origin`: the echo, sink and source servers (started by `run`).
+//! - `proxybench floor`: the floor peer, a bare CONNECT relay (started by `run`).
 //! - `proxybench run --work DIR --portcullis BIN --out FILE ...`: starts dnsmasq, the origin,
-//!   Squid, tinyproxy and portcullis (twice: logging on and off), measures each figure for every
-//!   peer in turn, repeats, and writes the report with medians; with `--figures status`,
+//!   Squid, tinyproxy, portcullis (twice: logging on and off) and the floor relay, measures
+//!   each figure for every peer in turn, repeats, and writes the report with medians; with
+//!   `--figures status`,
 //!   also portcullis' status page under load; with `--figures stream`, hundreds of
 //!   long-lived tunnels carrying small frames at a steady rate, for every peer; with
 //!   `--figures growth`, how portcullis' costs grow with open tunnels and with rules.
 
+mod floor;
 mod growth;
 mod load;
 mod origin;
@@ -45,6 +48,8 @@ struct Cli {
 enum Cmd {
     /// The origin servers (echo, sink, source on port 443 of 127.0.0.1-3).
     Origin,
+    /// The floor peer: a bare CONNECT relay (see `floor.rs`).
+    Floor,
     /// The whole benchmark.
     Run(Box<RunArgs>),
 }
@@ -81,7 +86,7 @@ pub struct RunArgs {
     /// Only criterion results written after this Unix time are quoted.
     #[arg(long, default_value_t = 0)]
     criterion_since: u64,
-    /// Which figure groups to measure (for debugging the harness; a report wants all five
+    /// Which figure groups to measure (for debugging the harness; a report wants all six
     /// defaults; `status` is portcullis' status page under load, which only portcullis has;
     /// `stream` is small frames at a steady rate through long-lived tunnels; `growth`, not a
     /// default, is how portcullis' costs grow with open tunnels and with rules).
@@ -121,11 +126,11 @@ pub struct RunArgs {
     /// Open idle tunnels at which the status page is measured (the first is the baseline).
     #[arg(long, value_delimiter = ',', default_value = "0,1000,5000")]
     status_tunnels: Vec<usize>,
-    /// Which peers to run (for investigating one proxy; a report wants all five).
+    /// Which peers to run (for investigating one proxy; a report wants all six).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "direct,squid,tinyproxy,portcullis,portcullis-nolog"
+        default_value = "direct,squid,tinyproxy,portcullis,portcullis-nolog,floor"
     )]
     peers: Vec<String>,
     /// Marks the report as a smoke test.
@@ -159,6 +164,7 @@ fn main() -> ExitCode {
         Cmd::Origin => runtime
             .block_on(origin::serve())
             .map_err(anyhow::Error::from),
+        Cmd::Floor => floor::serve().map_err(anyhow::Error::from),
         Cmd::Run(args) => runtime.block_on(run(*args)),
     };
     match result {
@@ -191,12 +197,13 @@ fn ensure_loopback_only() -> anyhow::Result<()> {
     Ok(())
 }
 
-const PEERS: [Kind; 5] = [
+const PEERS: [Kind; 6] = [
     Kind::Direct,
     Kind::Squid,
     Kind::Tinyproxy,
     Kind::Portcullis,
     Kind::PortcullisNoLog,
+    Kind::Floor,
 ];
 
 const BULK: [(Direction, usize); 4] = [

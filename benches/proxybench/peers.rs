@@ -31,6 +31,8 @@ pub enum Kind {
     Portcullis,
     /// portcullis with `PORTCULLIS_LOG=off`: the logging-cost comparison.
     PortcullisNoLog,
+    /// The least a proxy of portcullis' design can do ([`floor`](crate::floor)).
+    Floor,
 }
 
 impl Kind {
@@ -41,6 +43,7 @@ impl Kind {
             Kind::Tinyproxy => "tinyproxy",
             Kind::Portcullis => "portcullis",
             Kind::PortcullisNoLog => "portcullis-nolog",
+            Kind::Floor => "floor",
         }
     }
 
@@ -52,6 +55,7 @@ impl Kind {
             Kind::Tinyproxy => "tinyproxy",
             Kind::Portcullis => "portcullis",
             Kind::PortcullisNoLog => "portcullis, log off",
+            Kind::Floor => "bare relay (floor)",
         }
     }
 
@@ -62,13 +66,16 @@ impl Kind {
             Kind::Squid => 3129,
             Kind::Tinyproxy => 3130,
             Kind::PortcullisNoLog => 3131,
+            Kind::Floor => crate::floor::LISTEN.1,
         };
         Some(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
-    /// Takes part in the bulk and idle-tunnel figures (the log-off peer only in set-up).
+    /// Takes part in the bulk and idle-tunnel figures (the log-off peer and the floor only in
+    /// set-up and streaming: the floor copies through user space and holds 16 KiB of buffers
+    /// per tunnel, so its bulk and idle figures would measure that choice, not a floor).
     pub fn in_full_suite(self) -> bool {
-        self != Kind::PortcullisNoLog
+        !matches!(self, Kind::PortcullisNoLog | Kind::Floor)
     }
 }
 
@@ -107,7 +114,7 @@ impl Peer {
     fn write_config(&mut self) -> io::Result<()> {
         let dir = self.dir.display().to_string();
         match self.kind {
-            Kind::Direct => {}
+            Kind::Direct | Kind::Floor => {}
             Kind::Squid => {
                 let port = self.listen.expect("a proxy listens").port();
                 fs::write(
@@ -279,6 +286,12 @@ impl Peer {
                 c.env_remove("PORTCULLIS_LOG_FORMAT");
                 c.stdout(out("portcullis.log")?)
                     .stderr(out("portcullis.err")?);
+                c
+            }
+            Kind::Floor => {
+                let mut c = Command::new(std::env::current_exe()?);
+                c.arg("floor");
+                c.stdout(out("floor.out")?).stderr(out("floor.out")?);
                 c
             }
         };

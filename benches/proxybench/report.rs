@@ -146,7 +146,7 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 const SUBJECT: &str = "portcullis";
-const RATIO_TO: [Kind; 3] = [Kind::Squid, Kind::Tinyproxy, Kind::Direct];
+const RATIO_TO: [Kind; 4] = [Kind::Squid, Kind::Tinyproxy, Kind::Direct, Kind::Floor];
 
 fn table(out: &mut String, store: &Store, peers: &[Kind], rows: &[Row]) {
     let ratio_to: Vec<Kind> = RATIO_TO.into_iter().filter(|k| peers.contains(k)).collect();
@@ -681,6 +681,7 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
         let _ = writeln!(out, "| {} | {} | {} |", t.what, t.value, verdict(t.met));
     }
     out.push('\n');
+    ratio_targets(&mut out, store);
 
     out.push_str(
         "## Cost of logging and metrics on the data path\n\n`portcullis` runs with its \
@@ -785,7 +786,15 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
          - The set-up payload is a real TLS ClientHello with SNI rather than 64 arbitrary bytes, \
          because portcullis checks SNI inside tunnels by default; Squid and tinyproxy relay it \
          as they would any bytes.\n\
-         - Idle-tunnel memory is measured on a freshly started process each run.\n",
+         - Idle-tunnel memory is measured on a freshly started process each run.\n\
+         - The bare relay (`proxybench floor`, the floor) is the least a CONNECT proxy built \
+         like portcullis can do: one current-thread tokio event loop per core, each accepting \
+         on its own `SO_REUSEPORT` socket with `TCP_NODELAY` inherited from the listener; it \
+         reads the request head, dials the origin (a table lookup, as a warm DNS cache), \
+         answers 200 and copies both ways (`tokio::io::copy_bidirectional`). No allowlist, \
+         destination policy, ClientHello check, log, metrics, timeouts or limits. It is a \
+         floor for this design, not for every design: busy-polling or `io_uring` could go \
+         lower.\n",
     );
 
     out.push_str("\n## Raw values (one per run, in run order)\n\n");
@@ -1356,4 +1365,110 @@ fn stream_floor(out: &mut String, store: &Store) {
         fmt(m("stream/sys", Kind::Squid), 2),
         ratio(m("stream/sys", Kind::Squid), floor),
     );
+}
+
+/// One of issue #16's targets: a ratio between peers of one run, for a proxy `of` it.
+struct RatioTarget<'a> {
+    what: &'static str,
+    of: Box<dyn Fn(Kind) -> f64 + 'a>,
+    ok: fn(f64) -> bool,
+}
+
+/// Issue #16's targets, each for portcullis and for the floor relay: where the floor misses
+/// a target too, what is left of it is below what this design can do on this machine.
+fn ratio_targets(out: &mut String, store: &Store) {
+    let m = |key: &str, peer: Kind| store.median(key, peer.name());
+    let over = |key: &'static str, base: Kind| {
+        Box::new(move |k: Kind| m(key, k) / m(key, base)) as Box<dyn Fn(Kind) -> f64 + '_>
+    };
+    let added = |key: &'static str| {
+        Box::new(move |k: Kind| {
+            (m(key, k) - m(key, Kind::Direct)) / (m(key, Kind::Squid) - m(key, Kind::Direct))
+        }) as Box<dyn Fn(Kind) -> f64 + '_>
+    };
+    let targets = [
+        RatioTarget {
+            what: "proxy CPU per tunnel set up ÷ Squid's (c=64) ≤ 0.45",
+            of: over("cpu_tunnel/c64", Kind::Squid),
+            ok: |v| v <= 0.45,
+        },
+        RatioTarget {
+            what: "set-up rate ÷ tinyproxy's (c=64) ≥ 2",
+            of: over("rate/c64", Kind::Tinyproxy),
+            ok: |v| v >= 2.0,
+        },
+        RatioTarget {
+            what: "set-up latency added over direct ÷ Squid's added (p50, c=1) ≤ 0.4",
+            of: added("p50/c1"),
+            ok: |v| v <= 0.4,
+        },
+        RatioTarget {
+            what: "1 tunnel's throughput ÷ direct's, upload ≥ 0.85",
+            of: over("tput/up1", Kind::Direct),
+            ok: |v| v >= 0.85,
+        },
+        RatioTarget {
+            what: "1 tunnel's throughput ÷ direct's, download ≥ 0.85",
+            of: over("tput/down1", Kind::Direct),
+            ok: |v| v >= 0.85,
+        },
+        RatioTarget {
+            what: "proxy CPU per GiB ÷ Squid's, 1 tunnel upload ≤ 0.15",
+            of: over("cpu_gib/up1", Kind::Squid),
+            ok: |v| v <= 0.15,
+        },
+        RatioTarget {
+            what: "proxy CPU per GiB ÷ Squid's, 1 tunnel download ≤ 0.15",
+            of: over("cpu_gib/down1", Kind::Squid),
+            ok: |v| v <= 0.15,
+        },
+        RatioTarget {
+            what: "streaming: RTT added p99 ÷ Squid's ≤ 0.5",
+            of: over("stream/added_p99", Kind::Squid),
+            ok: |v| v <= 0.5,
+        },
+        RatioTarget {
+            what: "streaming: RTT p99.9 ÷ Squid's < 1",
+            of: over("stream/p999", Kind::Squid),
+            ok: |v| v < 1.0,
+        },
+        RatioTarget {
+            what: "streaming: proxy CPU per frame ÷ Squid's ≤ 0.4",
+            of: over("stream/cpu", Kind::Squid),
+            ok: |v| v <= 0.4,
+        },
+    ];
+    out.push_str(
+        "## Against issue #16's ratio targets, with the floor\n\n\
+         Each target as the ratio it is set as, for portcullis and for the bare relay (the \
+         floor: the least a proxy of portcullis' design does, see Method). Where the floor \
+         misses a target too, what is left of it is below what a proxy built this way can do \
+         on this machine. The floor takes part in the set-up and streaming figures only.\n\n\
+         | target (#16) | portcullis | bare relay (floor) | verdict |\n|---|---:|---:|---|\n",
+    );
+    for t in &targets {
+        let ours = (t.of)(Kind::Portcullis);
+        let floor = (t.of)(Kind::Floor);
+        let verdict = match (check(ours, t.ok), check(floor, t.ok)) {
+            (None, _) => "not measured",
+            (Some(true), _) => "met",
+            (Some(false), Some(false)) => "**missed**; the floor misses it too",
+            (Some(false), _) => "**missed**",
+        };
+        let show = |v: f64| {
+            if v.is_finite() {
+                format!("{v:.2}×")
+            } else {
+                "—".into()
+            }
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {verdict} |",
+            t.what,
+            show(ours),
+            show(floor)
+        );
+    }
+    out.push('\n');
 }

@@ -1,0 +1,118 @@
+//! The floor: the least a CONNECT proxy built the way portcullis is built can do, as a peer
+//! of its own (`proxybench floor`).
+//!
+//! Issue #16 sets targets as ratios to Squid and tinyproxy. Whether a missed one is
+//! portcullis' own cost or the cost of the kernel and the runtime on this machine is a
+//! measurement, not an argument: this relay does only what no CONNECT proxy can skip, on the
+//! same runtime and thread design as portcullis (one current-thread tokio loop per core,
+//! each accepting on its own `SO_REUSEPORT` socket, `TCP_NODELAY` inherited from the
+//! listener), and nothing else: no allowlist, no DNS (the bench's names are a table lookup,
+//! as a warm cache would be), no destination policy, no ClientHello check, no log line, no
+//! metrics, no timeouts, no limits. It reads the request head, dials the origin, answers
+//! 200 and copies both ways until either side closes.
+//!
+//! Where portcullis' figure is close to this one, what is left of a target is below what
+//! this machine allows a proxy of this design; the gap between them is what portcullis' own
+//! work costs.
+
+use std::io;
+use std::net::SocketAddr;
+
+use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::origin;
+
+/// Where the floor relay listens.
+pub const LISTEN: ([u8; 4], u16) = ([127, 0, 0, 1], 3132);
+
+/// Serves forever on one event loop per core; prints `ready` once all listen.
+pub fn serve() -> io::Result<()> {
+    let addr = SocketAddr::from(LISTEN);
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut threads = Vec::new();
+    for _ in 0..cores {
+        let listener = bind(addr)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        threads.push(std::thread::spawn(move || {
+            runtime.block_on(async move {
+                let listener = TcpListener::from_std(listener).expect("a tokio listener");
+                accept(listener).await;
+            })
+        }));
+    }
+    println!("ready");
+    for thread in threads {
+        let _ = thread.join();
+    }
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let flags = SocketFlags::CLOEXEC | SocketFlags::NONBLOCK;
+    let socket = rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, flags, None)?;
+    sockopt::set_socket_reuseaddr(&socket, true)?;
+    sockopt::set_socket_reuseport(&socket, true)?;
+    // Accepted sockets inherit it, as in portcullis.
+    sockopt::set_tcp_nodelay(&socket, true)?;
+    rustix::net::bind(&socket, &addr)?;
+    rustix::net::listen(&socket, 65_535)?;
+    Ok(socket.into())
+}
+
+async fn accept(listener: TcpListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(async move {
+                    let _ = tunnel(stream).await;
+                });
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn tunnel(mut client: TcpStream) -> io::Result<()> {
+    let mut buf = [0u8; 1024];
+    let mut filled = 0;
+    let end = loop {
+        let n = client.read(&mut buf[filled..]).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        filled += n;
+        if let Some(at) = buf[..filled].windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        if filled == buf.len() {
+            return Ok(());
+        }
+    };
+    let Some(addr) = destination(&buf[..end]) else {
+        return Ok(());
+    };
+    let mut upstream = TcpStream::connect(addr).await?;
+    upstream.set_nodelay(true)?;
+    client
+        .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        .await?;
+    if filled > end {
+        upstream.write_all(&buf[end..filled]).await?;
+    }
+    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
+}
+
+/// `CONNECT host:443 ...`: the bench origin's address, or `None` for anything else.
+fn destination(head: &[u8]) -> Option<SocketAddr> {
+    let line = head.split(|&b| b == b'\r').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let target = line.strip_prefix("CONNECT ")?.split(' ').next()?;
+    let (host, port) = target.rsplit_once(':')?;
+    let (_, ip) = origin::ADDRESSES.iter().find(|(name, _)| *name == host)?;
+    Some(SocketAddr::from((*ip, port.parse().ok()?)))
+}
