@@ -34,12 +34,12 @@ use crate::error::Reason;
 use crate::ip_ranges::IpRanges;
 use crate::net::proxy_protocol::Header;
 use crate::prefixed::{ClientStream, Prefixed};
-use crate::rules::{self, Host, Rule, SniMode, Verdict};
+use crate::rules::{self, DomainLabel, Host, Rule, SniMode, Verdict};
 use crate::sni::{self, Hello};
 use crate::state::{ClientSlot, Runtime, Shared};
 use crate::telemetry::OpenTunnel;
 use crate::telemetry::access_log::Entry;
-use crate::telemetry::metrics::{DomainLabel, DomainMetrics, INVALID, Metrics};
+use crate::telemetry::metrics::{DomainMetrics, INVALID, Metrics};
 use crate::tunnel::task::{self as tunnel_task, ActiveTunnel, Ends, Live};
 
 /// Who is on the other end of a client connection.

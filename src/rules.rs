@@ -13,7 +13,6 @@ use globset::{GlobBuilder, GlobMatcher};
 use rustc_hash::FxHashMap;
 
 use crate::error::Reason;
-use crate::telemetry::metrics::DomainLabel;
 
 /// RFC 1035 limits, the ones resolvers enforce too.
 const MAX_NAME_LEN: usize = 253;
@@ -155,6 +154,28 @@ impl SniMode {
             SniMode::Enforce => "enforce",
             SniMode::Log => "log",
             SniMode::Off => "off",
+        }
+    }
+}
+
+/// What the `domain` label says for a request whose host matched a rule (`[metrics]
+/// domain_label`, or the rule's own `domain_label`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DomainLabel {
+    /// The requested host: the most detail, but every new name takes one of `max_domains`.
+    #[default]
+    Host,
+    /// The rule pattern the host matched (`*.amazonappstream.com`): one label value however
+    /// many per-session names the pattern admits.
+    RulePattern,
+}
+
+impl DomainLabel {
+    pub fn parse(s: &str) -> Option<DomainLabel> {
+        match s {
+            "host" => Some(DomainLabel::Host),
+            "rule_pattern" => Some(DomainLabel::RulePattern),
+            _ => None,
         }
     }
 }

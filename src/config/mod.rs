@@ -30,8 +30,8 @@ use crate::auth::UsersFile;
 use crate::ip_ranges::IpRanges;
 use crate::ip_ranges::fetch::Url;
 use crate::net::keepalive::KeepAlive;
-use crate::rules::RuleSet;
-use crate::telemetry::metrics::DomainLabel;
+use crate::rules::{DomainLabel, RuleSet};
+
 use crate::tls::TlsListener;
 
 /// The AppStream profile, compiled in so a bare `portcullis` is useful.

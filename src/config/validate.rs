@@ -21,8 +21,8 @@ use crate::auth::UsersFile;
 use crate::ip_ranges::IpRanges;
 use crate::ip_ranges::fetch::{self, Url};
 use crate::net::keepalive::{KeepAlive, MAX_IDLE};
-use crate::rules::{self, Host, Rule, RuleSet, SniMode};
-use crate::telemetry::metrics::DomainLabel;
+use crate::rules::{self, DomainLabel, Host, Rule, RuleSet, SniMode};
+
 use crate::tls::{self, TlsListener};
 
 /// `[admin] listen` when the file does not set it.

@@ -47,28 +47,6 @@ const CONNECT_SECONDS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// What the `domain` label says for a request whose host matched a rule (`[metrics]
-/// domain_label`, or the rule's own `domain_label`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum DomainLabel {
-    /// The requested host: the most detail, but every new name takes one of `max_domains`.
-    #[default]
-    Host,
-    /// The rule pattern the host matched (`*.amazonappstream.com`): one label value however
-    /// many per-session names the pattern admits.
-    RulePattern,
-}
-
-impl DomainLabel {
-    pub fn parse(s: &str) -> Option<DomainLabel> {
-        match s {
-            "host" => Some(DomainLabel::Host),
-            "rule_pattern" => Some(DomainLabel::RulePattern),
-            _ => None,
-        }
-    }
-}
-
 pub struct Metrics {
     registry: Registry,
     requests: IntCounterVec,
