@@ -116,26 +116,20 @@ impl Resolver {
         if let Some(addrs) = self.hosts.get(host) {
             return Ok(addrs.clone());
         }
-        let name = Name::from_ascii(host)
-            .map(|mut name| {
-                name.set_fqdn(true);
-                name
-            })
-            .map_err(|e| DnsFailure::Failed(e.to_string()))?;
         match path {
-            CachePath::Cached => self.resolve_cached(host, name).await,
-            CachePath::Bypass => self.resolve_fresh(name).await,
+            CachePath::Cached => self.resolve_cached(host).await,
+            CachePath::Bypass => self.resolve_fresh(fqdn(host)?).await,
         }
     }
 
-    async fn resolve_cached(&self, host: &str, name: Name) -> Result<Vec<IpAddr>, DnsFailure> {
+    async fn resolve_cached(&self, host: &str) -> Result<Vec<IpAddr>, DnsFailure> {
         let now = Instant::now();
         if let Some(answer) = self.answers.get(host)
             && answer.valid_until > now
         {
             return Ok(answer.addrs.to_vec());
         }
-        let lookup = self.cached.lookup_ip(name).await.map_err(failure)?;
+        let lookup = self.cached.lookup_ip(fqdn(host)?).await.map_err(failure)?;
         let addrs: Vec<IpAddr> = lookup.iter().collect();
         if addrs.is_empty() {
             return Err(DnsFailure::NoSuchName);
@@ -201,6 +195,14 @@ impl Resolver {
             code => Err(DnsFailure::Failed(format!("server answered {code}"))),
         }
     }
+}
+
+/// The name as a DNS query asks it: absolute, so no search domain is ever appended. Built only
+/// when a query is sent: a hit in `answers` needs just the string.
+fn fqdn(host: &str) -> Result<Name, DnsFailure> {
+    let mut name = Name::from_ascii(host).map_err(|e| DnsFailure::Failed(e.to_string()))?;
+    name.set_fqdn(true);
+    Ok(name)
 }
 
 /// Addresses for a name, and until when they may be used.
