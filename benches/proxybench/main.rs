@@ -355,7 +355,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         for &i in &order {
             let peer = &mut peers[i];
-            if !wants("idle") || !peer.kind.in_full_suite() || peer.kind == Kind::Direct {
+            if !wants("idle") || !peer.kind.in_idle_figures() {
                 continue;
             }
             for (shape, host, key) in [

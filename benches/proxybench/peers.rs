@@ -71,11 +71,16 @@ impl Kind {
         Some(SocketAddr::from(([127, 0, 0, 1], port)))
     }
 
-    /// Takes part in the bulk and idle-tunnel figures (the log-off peer and the floor only in
-    /// set-up and streaming: the floor copies through user space and holds 16 KiB of buffers
-    /// per tunnel, so its bulk and idle figures would measure that choice, not a floor).
+    /// Takes part in the bulk and idle-tunnel figures (the log-off peer only in set-up and
+    /// streaming).
     pub fn in_full_suite(self) -> bool {
-        !matches!(self, Kind::PortcullisNoLog | Kind::Floor)
+        self != Kind::PortcullisNoLog
+    }
+
+    /// Takes part in the idle-tunnel figures: the floor's copy buffers (16 KiB per tunnel)
+    /// would measure that choice, not a floor.
+    pub fn in_idle_figures(self) -> bool {
+        self.in_full_suite() && self != Kind::Floor && self != Kind::Direct
     }
 }
 

@@ -527,7 +527,7 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
     let proxies: Vec<Kind> = full
         .iter()
         .copied()
-        .filter(|&k| k != Kind::Direct)
+        .filter(|k| k.in_idle_figures())
         .collect();
     let idle_rows = vec![
         row("idle tunnels held", "idle/tunnels", 0),
@@ -791,7 +791,8 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
          like portcullis can do: one current-thread tokio event loop per core, each accepting \
          on its own `SO_REUSEPORT` socket with `TCP_NODELAY` inherited from the listener; it \
          reads the request head, dials the origin (a table lookup, as a warm DNS cache), \
-         answers 200 and copies both ways (`tokio::io::copy_bidirectional`). No allowlist, \
+         answers 200 and copies both ways (`tokio::io::copy_bidirectional`), or, for the bulk \
+         origins, splices both ways from the first byte through 1 MiB pipes. No allowlist, \
          destination policy, ClientHello check, log, metrics, timeouts or limits. It is a \
          floor for this design, not for every design: busy-polling or `io_uring` could go \
          lower.\n",
@@ -1443,7 +1444,7 @@ fn ratio_targets(out: &mut String, store: &Store) {
          Each target as the ratio it is set as, for portcullis and for the bare relay (the \
          floor: the least a proxy of portcullis' design does, see Method). Where the floor \
          misses a target too, what is left of it is below what a proxy built this way can do \
-         on this machine. The floor takes part in the set-up and streaming figures only.\n\n\
+         on this machine. The floor takes no part in the idle-tunnel figures.\n\n\
          | target (#16) | portcullis | bare relay (floor) | verdict |\n|---|---:|---:|---|\n",
     );
     for t in &targets {
