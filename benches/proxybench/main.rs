@@ -333,6 +333,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                         store.add(&format!("cpu_gib/{key}"), name, b.cpu_per_gib);
                         store.add(&format!("sys_gib/{key}"), name, b.system_per_gib);
                         store.add(&format!("ends_sys_gib/{key}"), name, b.ends_system_per_gib);
+                        // Direct has no proxy: its sum is the ends alone.
+                        let proxy = if b.cpu_per_gib.is_finite() {
+                            b.cpu_per_gib
+                        } else {
+                            0.0
+                        };
+                        let together = proxy + b.ends_system_per_gib;
+                        store.add(&format!("together_gib/{key}"), name, together);
                     }
                     Err(e) => {
                         eprintln!("[{tag}] bulk {key:<6} {name:<16} failed: {e}");

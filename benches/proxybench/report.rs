@@ -474,8 +474,12 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
          loopback, which a proxy cannot avoid. For scale, the kernel time of the two ends \
          (the load generator's clients and the origin) is shown too: in the direct column it is \
          what one TCP connection costs both its ends, about the kernel work a proxy does for its \
-         two connections. The DNS server's CPU (dnsmasq, shared by all peers) is shown \
-         separately: a proxy that does not cache answers pays there.\n\n",
+         two connections. On loopback, which process pays for the receiving side of a \
+         transfer depends on which one is running when the packets land, so a proxy's CPU per \
+         GiB and the ends' move between runs in opposite directions; their sum (\"proxy CPU + \
+         client and origin kernel CPU\", over direct's) is the steadier comparison. The DNS \
+         server's CPU (dnsmasq, shared by all peers) is shown separately: a proxy that does \
+         not cache answers pays there.\n\n",
     );
     // (what, store key): a row per concurrency for tunnels, a row per bulk figure for GiB.
     let per_tunnel = |what: &str, key: &str| -> Vec<Row> {
@@ -509,6 +513,7 @@ pub fn render(store: &Store, ctx: &Context<'_>, peers: &[Kind]) -> String {
         per_gib("proxy kernel CPU", "sys"),
         per_tunnel("client + origin kernel CPU", "ends_sys"),
         per_gib("client + origin kernel CPU", "ends_sys"),
+        per_gib("proxy CPU + client and origin kernel CPU", "together"),
         per_tunnel("DNS server CPU", "dns"),
     ]
     .into_iter()
