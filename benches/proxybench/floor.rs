@@ -93,7 +93,7 @@ async fn tunnel(mut client: TcpStream) -> io::Result<()> {
             return Ok(());
         }
     };
-    let Some(addr) = destination(&buf[..end]) else {
+    let Some((host, addr)) = destination(&buf[..end]) else {
         return Ok(());
     };
     let mut upstream = TcpStream::connect(addr).await?;
@@ -104,7 +104,7 @@ async fn tunnel(mut client: TcpStream) -> io::Result<()> {
     if filled > end {
         upstream.write_all(&buf[end..filled]).await?;
     }
-    if bulk(&buf[..end]) {
+    if bulk(host) {
         tokio::try_join!(splice(&client, &upstream), splice(&upstream, &client))?;
     } else {
         tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
@@ -115,10 +115,8 @@ async fn tunnel(mut client: TcpStream) -> io::Result<()> {
 /// The bulk origins: their tunnels splice from the first byte, through a pipe already at its
 /// largest, where portcullis copies the first 256 KiB and grows its pipe as it goes. A floor
 /// may know its load.
-fn bulk(head: &[u8]) -> bool {
-    [origin::SINK, origin::SOURCE]
-        .iter()
-        .any(|name| head.starts_with(format!("CONNECT {name}:").as_bytes()))
+fn bulk(host: &str) -> bool {
+    host == origin::SINK || host == origin::SOURCE
 }
 
 /// One direction, socket → pipe → socket with `splice(2)`, until EOF; then the write side is
@@ -157,12 +155,12 @@ async fn splice(from: &TcpStream, to: &TcpStream) -> io::Result<()> {
     }
 }
 
-/// `CONNECT host:443 ...`: the bench origin's address, or `None` for anything else.
-fn destination(head: &[u8]) -> Option<SocketAddr> {
+/// `CONNECT host:443 ...`: the bench origin's name and address, or `None` for anything else.
+fn destination(head: &[u8]) -> Option<(&'static str, SocketAddr)> {
     let line = head.split(|&b| b == b'\r').next()?;
     let line = std::str::from_utf8(line).ok()?;
     let target = line.strip_prefix("CONNECT ")?.split(' ').next()?;
     let (host, port) = target.rsplit_once(':')?;
-    let (_, ip) = origin::ADDRESSES.iter().find(|(name, _)| *name == host)?;
-    Some(SocketAddr::from((*ip, port.parse().ok()?)))
+    let (name, ip) = origin::ADDRESSES.iter().find(|(name, _)| *name == host)?;
+    Some((name, SocketAddr::from((*ip, port.parse().ok()?))))
 }

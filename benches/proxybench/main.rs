@@ -9,10 +9,9 @@
 //! - `proxybench run --work DIR --portcullis BIN --out FILE ...`: starts dnsmasq, the origin,
 //!   Squid, tinyproxy, portcullis (twice: logging on and off) and the floor relay, measures
 //!   each figure for every peer in turn, repeats, and writes the report with medians; with
-//!   `--figures status`,
-//!   also portcullis' status page under load; with `--figures stream`, hundreds of
-//!   long-lived tunnels carrying small frames at a steady rate, for every peer; with
-//!   `--figures growth`, how portcullis' costs grow with open tunnels and with rules.
+//!   `--figures status`, also portcullis' status page under load; with `--figures stream`,
+//!   hundreds of long-lived tunnels carrying small frames at a steady rate, for every peer;
+//!   with `--figures growth`, how portcullis' costs grow with open tunnels and with rules.
 
 mod floor;
 mod growth;
@@ -86,7 +85,7 @@ pub struct RunArgs {
     /// Only criterion results written after this Unix time are quoted.
     #[arg(long, default_value_t = 0)]
     criterion_since: u64,
-    /// Which figure groups to measure (for debugging the harness; a report wants all six
+    /// Which figure groups to measure (for debugging the harness; a report wants all five
     /// defaults; `status` is portcullis' status page under load, which only portcullis has;
     /// `stream` is small frames at a steady rate through long-lived tunnels; `growth`, not a
     /// default, is how portcullis' costs grow with open tunnels and with rules).
