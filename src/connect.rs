@@ -637,11 +637,11 @@ async fn take_client(upgrade: hyper::upgrade::OnUpgrade) -> Option<(ClientStream
     Some((stream, early.freeze()))
 }
 
-/// hyper left the connection task's waker in the socket's read slot. A tunnel waits with
-/// `readable()`, which does not replace it, so until the client's first byte that waker
-/// would keep the finished connection task's memory (its whole future, several KiB, stored
-/// in the task) alive: measured, a silent tunnel cost twice the RSS of one that had carried
-/// a byte. A no-op waker takes its place.
+/// hyper left the connection task's waker in the socket's read slot. Until something
+/// replaces it, that waker keeps the finished connection task's memory (its whole future,
+/// several KiB, stored in the task) alive: measured, a silent tunnel cost twice the RSS of
+/// one that had carried a byte. A no-op waker takes its place at once, whatever the tunnel
+/// waits on first.
 fn forget_reader(stream: &ClientStream) {
     if let ClientStream::Plain(tcp) = stream {
         let mut noop = std::task::Context::from_waker(std::task::Waker::noop());
