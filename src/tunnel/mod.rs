@@ -18,8 +18,8 @@
 mod stops;
 pub mod task;
 
-use stops::Stop;
 pub use stops::Stops;
+use stops::{Stop, WhenWoken};
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -395,20 +395,26 @@ impl<'a> Meter<'a> {
         idle_timeout: Duration,
         stops: Stops<'_>,
     ) -> Option<End> {
-        // Biased: polled in this order on every frame's wake, without drawing a random start.
-        let end = tokio::select! {
+        // Polled only when its own timer or tokens wake the task, not on every frame's wake.
+        let outside = WhenWoken::new(async {
+            tokio::select! {
+                biased;
+                () = self.activity.idle(idle_timeout) => Some(End::Idle),
+                stop = stops.fired() => match stop {
+                    Stop::Abort => Some(End::Shutdown),
+                    Stop::Park => None,
+                },
+            }
+        });
+        // Biased: no random start drawn per frame; the relay's own ending comes first.
+        tokio::select! {
             biased;
-            result = futures_util::future::try_join(up, down) => match result {
+            result = futures_util::future::try_join(up, down) => Some(match result {
                 Ok(_) => End::Closed,
                 Err(_) => End::Error,
-            },
-            () = self.activity.idle(idle_timeout) => End::Idle,
-            stop = stops.fired() => match stop {
-                Stop::Abort => End::Shutdown,
-                Stop::Park => return None,
-            },
-        };
-        Some(end)
+            }),
+            end = outside => end,
+        }
     }
 
     fn totals(&self, end: End, pipe_fallback: bool) -> Totals {

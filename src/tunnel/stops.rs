@@ -1,12 +1,12 @@
-//! What ends or pauses a relay from outside (a drain running out, an upgrade taking the
-//! tunnel), watched at no cost per relayed frame.
+//! What ends or pauses a relay other than its own sockets (a drain running out, an upgrade
+//! taking the tunnel; the relay adds its idle timer), watched at no cost per relayed frame.
 //!
 //! A streaming tunnel's task is woken for every frame, and `select!` polls every branch on
 //! every wake. Polling a [`CancellationToken`]'s future takes two locks that every tunnel
 //! waiting on that token shares (the token's own, and its `Notify`'s list of waiters), so
 //! two tokens cost four shared locks per frame for signals that fire once a day: in a
 //! profile of 300 streaming tunnels, about a twelfth of portcullis' user-space time.
-//! [`WhenWoken`] polls the stop signals only after one of them woke the task.
+//! [`WhenWoken`] polls such futures only after one of them woke the task.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -33,16 +33,14 @@ pub enum Stop {
     Park,
 }
 
-impl<'a> Stops<'a> {
-    /// Resolves when either signal fires, polling the tokens only when one of them woke it.
-    pub fn fired(self) -> WhenWoken<impl Future<Output = Stop> + 'a> {
-        WhenWoken::new(async move {
-            tokio::select! {
-                biased;
-                () = self.abort.cancelled() => Stop::Abort,
-                () = self.park.cancelled() => Stop::Park,
-            }
-        })
+impl Stops<'_> {
+    /// Resolves when either signal fires. Costly to poll: see [`WhenWoken`].
+    pub async fn fired(self) -> Stop {
+        tokio::select! {
+            biased;
+            () = self.abort.cancelled() => Stop::Abort,
+            () = self.park.cancelled() => Stop::Park,
+        }
     }
 }
 
@@ -73,7 +71,7 @@ impl Wake for Signal {
 }
 
 impl<F: Future> WhenWoken<F> {
-    fn new(future: F) -> WhenWoken<F> {
+    pub fn new(future: F) -> WhenWoken<F> {
         WhenWoken {
             future: Box::pin(future),
             signal: Arc::default(),
@@ -157,7 +155,7 @@ mod tests {
             abort: &abort,
             park: &park,
         };
-        let mut fired = std::pin::pin!(stops.fired());
+        let mut fired = std::pin::pin!(WhenWoken::new(stops.fired()));
         assert!(futures_util::poll!(fired.as_mut()).is_pending());
         park.cancel();
         assert_eq!(fired.await, Stop::Park);
