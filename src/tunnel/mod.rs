@@ -609,9 +609,11 @@ async fn write_pending(to: &TcpStream, flow: &mut Flow) -> io::Result<()> {
 }
 
 /// Waits until `socket` may have bytes to read, through its one reader slot rather than
-/// `readable()`'s list of waiters: a direction is the only reader of its sender, and the slot
-/// costs the event loop less per frame (in a streaming profile, the list's locking and
-/// walking took more of portcullis' time than the bare relay's whole wake-up path).
+/// `readable()`'s list of waiters. The slot keeps only the latest waker, which is enough:
+/// a direction is the only reader of its sender, and nothing else waits on a tunnel's
+/// sockets while it relays. It costs the event loop less per frame: in a profile of 300
+/// streaming tunnels, waking tasks and waiting for readiness took 2.4% of portcullis'
+/// samples through the list and 0.6-0.8% through the slots.
 async fn read_ready(socket: &TcpStream) -> io::Result<()> {
     std::future::poll_fn(|cx| socket.poll_read_ready(cx)).await
 }

@@ -5,7 +5,7 @@
 //! every wake. Polling a [`CancellationToken`]'s future takes two locks that every tunnel
 //! waiting on that token shares (the token's own, and its `Notify`'s list of waiters), so
 //! two tokens cost four shared locks per frame for signals that fire once a day: in a
-//! profile of 300 streaming tunnels, about a twelfth of portcullis' user-space time.
+//! profile of 300 streaming tunnels, 1.1% of portcullis' samples, or 8% of its user-space time.
 //! [`WhenWoken`] polls such futures only after one of them woke the task.
 
 use std::future::Future;
