@@ -320,12 +320,13 @@ async fn client_half_close_passes_through() {
     // The echo origin sees EOF only if the proxy passed the half-close on; it then echoes what
     // it had and closes, and the proxy passes that close back.
     assert_eq!(read_to_eof(&mut stream).await, b"ping");
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            proxy.metric(&support::active_series(GATEWAY)).await == 0.0
-        })
-        .await
-    );
+    proxy
+        .await_metric(
+            &support::active_series(GATEWAY),
+            0.0,
+            Duration::from_secs(3),
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -352,12 +353,13 @@ async fn origin_half_close_leaves_the_client_able_to_send() {
         .expect("the origin hears EOF within 5 s")
         .expect("the origin reports");
     assert_eq!(got, b"more");
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            proxy.metric(&support::active_series(GATEWAY)).await == 0.0
-        })
-        .await
-    );
+    proxy
+        .await_metric(
+            &support::active_series(GATEWAY),
+            0.0,
+            Duration::from_secs(3),
+        )
+        .await;
 }
 
 /// An origin that echoes one connection and reports, at EOF, everything it received.
@@ -483,12 +485,13 @@ async fn idle_tunnels_are_closed() {
         "closed after only {:?} of silence",
         quiet.elapsed()
     );
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            proxy.metric(&support::active_series(GATEWAY)).await == 0.0
-        })
-        .await
-    );
+    proxy
+        .await_metric(
+            &support::active_series(GATEWAY),
+            0.0,
+            Duration::from_secs(2),
+        )
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -535,20 +538,22 @@ async fn tunnels_active_follows_open_tunnels() {
     assert_echo(&mut second, b"two").await;
     assert_eq!(proxy.metric(&support::active_series(GATEWAY)).await, 2.0);
     drop(first);
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            proxy.metric(&support::active_series(GATEWAY)).await == 1.0
-        })
-        .await
-    );
+    proxy
+        .await_metric(
+            &support::active_series(GATEWAY),
+            1.0,
+            Duration::from_secs(3),
+        )
+        .await;
     second.shutdown().await.unwrap();
     assert_eq!(read_to_eof(&mut second).await, b"");
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            proxy.metric(&support::active_series(GATEWAY)).await == 0.0
-        })
-        .await
-    );
+    proxy
+        .await_metric(
+            &support::active_series(GATEWAY),
+            0.0,
+            Duration::from_secs(3),
+        )
+        .await;
     assert_eq!(
         proxy
             .metric("portcullis_tunnel_duration_seconds_count{rule=\"appstream-gateway\"}")

@@ -190,6 +190,14 @@ impl Failures {
         self.check(&what, check_refused(&seen, allowed, false));
     }
 
+    /// `CONNECT host:443` for each of `hosts`, each refused with one of `allowed`.
+    async fn connect_to(&mut self, proxy: &TestProxy, hosts: &[&str], allowed: &[(u16, &str)]) {
+        for host in hosts {
+            let raw = head(&format!("CONNECT {host}:443 HTTP/1.1"), "");
+            self.refused(proxy, raw, allowed).await;
+        }
+    }
+
     fn check(&mut self, what: &str, result: Result<(), String>) {
         if let Err(e) = result {
             eprintln!("FAILED {what}: {e}");
@@ -446,7 +454,7 @@ async fn userinfo_and_delimiter_tricks() {
 async fn wildcard_and_glob_characters_in_the_host() {
     let mut failures = Failures::default();
     let (proxy, _origin) = proxy_and_origin("127.0.0.97").await;
-    for host in [
+    let hosts = [
         "*.amazonappstream.com",
         "*",
         "?.amazonappstream.com",
@@ -457,15 +465,8 @@ async fn wildcard_and_glob_characters_in_the_host() {
         "gw1.amazonappstream.com..",
         ".gw1.amazonappstream.com",
         "gw1..amazonappstream.com",
-    ] {
-        failures
-            .refused(
-                &proxy,
-                head(&format!("CONNECT {host}:443 HTTP/1.1"), ""),
-                BAD,
-            )
-            .await;
-    }
+    ];
+    failures.connect_to(&proxy, &hosts, BAD).await;
     still_serves(&proxy).await;
     failures.assert_none();
 }
@@ -474,7 +475,7 @@ async fn wildcard_and_glob_characters_in_the_host() {
 async fn percent_encoded_and_unicode_hosts() {
     let mut failures = Failures::default();
     let (proxy, _origin) = proxy_and_origin("127.0.0.98").await;
-    for host in [
+    let hosts = [
         "gw1%2eamazonappstream.com",
         "gw1%2Eamazonappstream.com",
         "%67w1.amazonappstream.com",
@@ -486,29 +487,21 @@ async fn percent_encoded_and_unicode_hosts() {
         "\u{ff47}\u{ff57}1.amazonappstream.com",
         "gw1\u{3002}amazonappstream.com",
         "gw1.amazonappstream.com\u{200b}",
-    ] {
-        failures
-            .refused(
-                &proxy,
-                head(&format!("CONNECT {host}:443 HTTP/1.1"), ""),
-                BAD,
-            )
-            .await;
-    }
+    ];
+    failures.connect_to(&proxy, &hosts, BAD).await;
     // The same look-alike as punycode is a valid name, under no rule.
-    for host in [
+    let hosts = [
         "gw1.xn--amazonppstream-0tl.com",
         "xn--amazonppstream-0tl.com",
         "gw1.amazonappstream.xn--com-",
-    ] {
-        failures
-            .refused(
-                &proxy,
-                head(&format!("CONNECT {host}:443 HTTP/1.1"), ""),
-                &[(403, "domain_not_allowed"), (400, "bad_request")],
-            )
-            .await;
-    }
+    ];
+    failures
+        .connect_to(
+            &proxy,
+            &hosts,
+            &[(403, "domain_not_allowed"), (400, "bad_request")],
+        )
+        .await;
     still_serves(&proxy).await;
     failures.assert_none();
 }
@@ -517,7 +510,7 @@ async fn percent_encoded_and_unicode_hosts() {
 async fn numeric_hosts_are_ip_literals() {
     let mut failures = Failures::default();
     let (proxy, _origin) = proxy_and_origin("127.0.0.99").await;
-    for host in [
+    let hosts = [
         "127.0.0.1",
         "127.1",
         "0x7f.0.0.1",
@@ -530,24 +523,14 @@ async fn numeric_hosts_are_ip_literals() {
         "[::ffff:127.0.0.1]",
         "[::ffff:a9fe:a9fe]",
         "[fd00:ec2::254]",
-    ] {
-        failures
-            .refused(
-                &proxy,
-                head(&format!("CONNECT {host}:443 HTTP/1.1"), ""),
-                &[(403, "ip_literal")],
-            )
-            .await;
-    }
-    for host in ["[::1%25lo]", "[::1", "::1", "[127.0.0.1]", "[0x7f.1]"] {
-        failures
-            .refused(
-                &proxy,
-                head(&format!("CONNECT {host}:443 HTTP/1.1"), ""),
-                &[(400, "bad_request"), (403, "ip_literal")],
-            )
-            .await;
-    }
+    ];
+    failures
+        .connect_to(&proxy, &hosts, &[(403, "ip_literal")])
+        .await;
+    let hosts = ["[::1%25lo]", "[::1", "::1", "[127.0.0.1]", "[0x7f.1]"];
+    failures
+        .connect_to(&proxy, &hosts, &[(400, "bad_request"), (403, "ip_literal")])
+        .await;
     still_serves(&proxy).await;
     failures.assert_none();
 }

@@ -751,12 +751,9 @@ async fn prometheus_scrapes_what_the_proxy_counts() {
     support::assert_echo(&mut open, b"held open").await;
     let held = 9u64;
     let gauge = support::active_series(DOMAIN);
-    assert!(
-        support::eventually(Duration::from_secs(5), || async {
-            proxy.metric(&gauge).await == 1.0
-        })
-        .await
-    );
+    proxy
+        .await_metric(&gauge, 1.0, Duration::from_secs(5))
+        .await;
 
     // The proxy's side, checked against the traffic first.
     let text = proxy.metrics().await;

@@ -299,6 +299,23 @@ impl TestProxy {
     pub async fn metric(&self, series: &str) -> f64 {
         metric_value(&self.metrics().await, series)
     }
+
+    /// Waits until `series` reads `value`; fails the test, with the last value seen, if it
+    /// does not within `within`.
+    pub async fn await_metric(&self, series: &str, value: f64, within: Duration) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let seen = self.metric(series).await;
+            if seen == value {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} stayed at {seen}, not {value}, for {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// The `tunnels_active` series of one domain label.
