@@ -47,6 +47,7 @@ impl Stops<'_> {
 /// Polls `future` once, then again only after `future` itself asked to be woken; a poll
 /// caused by anything else (the task's other futures) returns `Pending` at once.
 pub struct WhenWoken<F> {
+    /// Boxed to pin it without an unsafe projection: one allocation per relay start.
     future: Pin<Box<F>>,
     signal: Arc<Signal>,
     polled: bool,
