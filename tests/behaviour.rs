@@ -320,13 +320,7 @@ async fn client_half_close_passes_through() {
     // The echo origin sees EOF only if the proxy passed the half-close on; it then echoes what
     // it had and closes, and the proxy passes that close back.
     assert_eq!(read_to_eof(&mut stream).await, b"ping");
-    proxy
-        .await_metric(
-            &support::active_series(GATEWAY),
-            0.0,
-            Duration::from_secs(3),
-        )
-        .await;
+    proxy.await_active(GATEWAY, 0.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,13 +347,7 @@ async fn origin_half_close_leaves_the_client_able_to_send() {
         .expect("the origin hears EOF within 5 s")
         .expect("the origin reports");
     assert_eq!(got, b"more");
-    proxy
-        .await_metric(
-            &support::active_series(GATEWAY),
-            0.0,
-            Duration::from_secs(3),
-        )
-        .await;
+    proxy.await_active(GATEWAY, 0.0).await;
 }
 
 /// An origin that echoes one connection and reports, at EOF, everything it received.
@@ -485,13 +473,7 @@ async fn idle_tunnels_are_closed() {
         "closed after only {:?} of silence",
         quiet.elapsed()
     );
-    proxy
-        .await_metric(
-            &support::active_series(GATEWAY),
-            0.0,
-            Duration::from_secs(2),
-        )
-        .await;
+    proxy.await_active(GATEWAY, 0.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -538,22 +520,10 @@ async fn tunnels_active_follows_open_tunnels() {
     assert_echo(&mut second, b"two").await;
     assert_eq!(proxy.metric(&support::active_series(GATEWAY)).await, 2.0);
     drop(first);
-    proxy
-        .await_metric(
-            &support::active_series(GATEWAY),
-            1.0,
-            Duration::from_secs(3),
-        )
-        .await;
+    proxy.await_active(GATEWAY, 1.0).await;
     second.shutdown().await.unwrap();
     assert_eq!(read_to_eof(&mut second).await, b"");
-    proxy
-        .await_metric(
-            &support::active_series(GATEWAY),
-            0.0,
-            Duration::from_secs(3),
-        )
-        .await;
+    proxy.await_active(GATEWAY, 0.0).await;
     assert_eq!(
         proxy
             .metric("portcullis_tunnel_duration_seconds_count{rule=\"appstream-gateway\"}")

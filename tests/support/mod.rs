@@ -300,6 +300,13 @@ impl TestProxy {
         metric_value(&self.metrics().await, series)
     }
 
+    /// Waits up to 3 s until `domain`'s `tunnels_active` reads `value` (tunnels end, and
+    /// give their gauge back, a moment after their last byte).
+    pub async fn await_active(&self, domain: &str, value: f64) {
+        self.await_metric(&active_series(domain), value, Duration::from_secs(3))
+            .await;
+    }
+
     /// Waits until `series` reads `value`; fails the test, with the last value seen, if it
     /// does not within `within`.
     pub async fn await_metric(&self, series: &str, value: f64, within: Duration) {
