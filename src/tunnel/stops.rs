@@ -50,12 +50,11 @@ pub struct WhenWoken<F> {
     /// Boxed to pin it without an unsafe projection: one allocation per relay start.
     future: Pin<Box<F>>,
     signal: Arc<Signal>,
-    polled: bool,
 }
 
 /// The waker `future` is given: it notes the wake, then wakes the task.
-#[derive(Default)]
 struct Signal {
+    /// Starts set, so the first poll reaches `future`.
     woken: AtomicBool,
     task: AtomicWaker,
 }
@@ -75,8 +74,10 @@ impl<F: Future> WhenWoken<F> {
     pub fn new(future: F) -> WhenWoken<F> {
         WhenWoken {
             future: Box::pin(future),
-            signal: Arc::default(),
-            polled: false,
+            signal: Arc::new(Signal {
+                woken: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
         }
     }
 }
@@ -87,10 +88,9 @@ impl<F: Future> Future for WhenWoken<F> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         // Registered before `woken` is read: a wake after the read then reaches this task.
         self.signal.task.register(cx.waker());
-        if self.polled && !self.signal.woken.swap(false, Ordering::AcqRel) {
+        if !self.signal.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
-        self.polled = true;
         let waker = Waker::from(Arc::clone(&self.signal));
         self.future.as_mut().poll(&mut Context::from_waker(&waker))
     }
